@@ -1,0 +1,21 @@
+"""Pure tensor math: a conv kernel in, factors out (and back, to measure the error).
+
+No ``nn.Module`` here. Every function computes in float64 and returns tensors in the input's dtype,
+on the input's device; one method per module, each citing its paper.
+"""
+
+from compressor.decompose.block_term import block_term, block_term_reconstruct
+from compressor.decompose.depthwise import depthwise_separable, depthwise_separable_reconstruct
+from compressor.decompose.spatial import spatial_separable, spatial_separable_reconstruct
+from compressor.decompose.tucker import tucker2, tucker2_reconstruct
+
+__all__ = [
+    "block_term",
+    "block_term_reconstruct",
+    "depthwise_separable",
+    "depthwise_separable_reconstruct",
+    "spatial_separable",
+    "spatial_separable_reconstruct",
+    "tucker2",
+    "tucker2_reconstruct",
+]

@@ -1,0 +1,113 @@
+"""ONNX export and its verification in ONNX Runtime: every export is re-run and compared."""
+
+from __future__ import annotations
+
+import io
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from compressor.errors import ExportError
+
+MIN_OPSET = 17
+
+
+@dataclass
+class Parity:
+    """ONNX Runtime vs PyTorch on one batch: max |diff| and ||diff|| / ||torch|| over all outputs."""
+
+    max_abs: float
+    rel: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def flatten_outputs(output) -> list[torch.Tensor]:
+    """Model outputs as a flat list of tensors (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in flatten_outputs(value)]
+    if isinstance(output, (tuple, list)):
+        return [t for value in output for t in flatten_outputs(value)]
+    raise ExportError(f"model output of type {type(output).__name__} is not a tensor, tuple, list or dict")
+
+
+def relative_error(got: list[np.ndarray], expected: list[np.ndarray]) -> Parity:
+    diff = np.concatenate([(g.astype(np.float64) - e.astype(np.float64)).ravel() for g, e in zip(got, expected)])
+    ref = np.concatenate([e.astype(np.float64).ravel() for e in expected])
+    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+    return Parity(max_abs=max_abs, rel=rel)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = MIN_OPSET) -> Path:
+    """Write ``model`` to ``path`` (dynamic batch axis) and check the file with ``onnx.checker``.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): it handles FX GraphModules and
+    untraceable-by-FX models alike, needs no onnxscript, and takes a fraction of a second per model.
+    """
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {opset} is below the supported minimum {MIN_OPSET}")
+    path = Path(path)
+    model = model.eval()
+    with torch.no_grad():
+        outputs = flatten_outputs(model(example_input))
+    output_names = [f"output_{i}" for i in range(len(outputs))]
+    dynamic_axes = {name: {0: "batch"} for name in ["input", *output_names]}
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example_input,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as err:
+        raise ExportError(f"ONNX export of {type(model).__name__} to {path} failed: {' '.join(str(err).split())}") from err
+    return path
+
+
+def run_onnx(path: str | Path, batch: torch.Tensor) -> list[np.ndarray]:
+    """Run the ONNX file on ``batch`` with the CPU execution provider."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: batch.detach().cpu().numpy()})
+    except Exception as err:
+        raise ExportError(f"ONNX Runtime could not run {path}: {' '.join(str(err).split())}") from err
+
+
+def parity(model: nn.Module, path: str | Path, batch: torch.Tensor) -> Parity:
+    """Compare ONNX Runtime on ``path`` with ``model`` in PyTorch on the same batch."""
+    with torch.no_grad():
+        expected = [t.detach().cpu().numpy() for t in flatten_outputs(model.eval()(batch))]
+    got = run_onnx(path, batch)
+    if len(got) != len(expected):
+        raise ExportError(f"{path} has {len(got)} outputs, PyTorch gives {len(expected)}")
+    return relative_error(got, expected)
+
+
+def parity_batch(example_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random batch of another batch size than the export's, to exercise the dynamic axis."""
+    batch_size = 2 if example_input.shape[0] == 1 else example_input.shape[0] + 1
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, *example_input.shape[1:])
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(example_input.dtype)

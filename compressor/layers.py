@@ -1,0 +1,154 @@
+"""The one place where factors become modules: plain ``nn.Conv2d`` stacks in an ``nn.Sequential``.
+
+Every hyperparameter of the original conv is either copied to the factor that must carry it or
+deliberately replaced (and the replacement is what makes the stack exact): stride, padding and
+dilation go to the spatial factor (split per axis for the spatially separable form), bias goes to
+the last factor, dtype and device to all. ``padding_mode`` other than ``zeros`` and ``groups != 1``
+are refused rather than dropped. :func:`check_stack` then compares the stack with the original on
+everything observable without running a model: channels, dtype, device, bias, and the output size
+for two probe input sizes (which catches any stride/padding/dilation mistake).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_Pair = tuple[int, int]
+
+
+def unsupported_reason(conv: nn.Conv2d) -> str | None:
+    """Why a conv cannot be factorized exactly by any method, or ``None``."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} subclasses nn.Conv2d; its forward may differ from a plain conv"
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+        return f"{kind} conv (groups={conv.groups}); only dense convs (groups=1) are factorized"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode='{conv.padding_mode}'; the factor chain is exact only for zero padding"
+    if isinstance(conv.padding, str) and conv.padding not in ("same", "valid"):
+        return f"padding='{conv.padding}' is not understood"
+    return None
+
+
+def _make_conv(
+    template: nn.Conv2d,
+    weight: torch.Tensor,
+    *,
+    stride: _Pair = (1, 1),
+    padding: _Pair | str = (0, 0),
+    dilation: _Pair = (1, 1),
+    groups: int = 1,
+    bias: torch.Tensor | None = None,
+) -> nn.Conv2d:
+    conv = nn.Conv2d(
+        in_channels=weight.shape[1] * groups,
+        out_channels=weight.shape[0],
+        kernel_size=tuple(weight.shape[2:]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias is not None,
+        padding_mode="zeros",
+        device=template.weight.device,
+        dtype=template.weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def _original_bias(conv: nn.Conv2d) -> torch.Tensor | None:
+    return None if conv.bias is None else conv.bias.detach()
+
+
+def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwise: torch.Tensor) -> nn.Sequential:
+    """kxk depthwise (stride, padding, dilation of the original) then 1x1 pointwise (bias)."""
+    return nn.Sequential(
+        _make_conv(
+            conv,
+            depthwise,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.in_channels,
+        ),
+        _make_conv(conv, pointwise, bias=_original_bias(conv)),
+    )
+
+
+def _axis_padding(padding: _Pair | str, axis: int) -> _Pair | str:
+    """Padding of the original along one axis only; 'same'/'valid' stay strings (they are per axis)."""
+    if isinstance(padding, str):
+        return padding
+    return (padding[0], 0) if axis == 0 else (0, padding[1])
+
+
+def build_spatial_separable(conv: nn.Conv2d, vertical: torch.Tensor, horizontal: torch.Tensor) -> nn.Sequential:
+    """(kh x 1) conv with the vertical stride/padding/dilation, then (1 x kw) with the horizontal ones.
+
+    Exact because zero padding of the intermediate along W equals the vertical conv of the W-padded
+    input (the vertical conv has no bias and acts column by column).
+    """
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    return nn.Sequential(
+        _make_conv(conv, vertical, stride=(sh, 1), padding=_axis_padding(conv.padding, 0), dilation=(dh, 1)),
+        _make_conv(
+            conv,
+            horizontal,
+            stride=(1, sw),
+            padding=_axis_padding(conv.padding, 1),
+            dilation=(1, dw),
+            bias=_original_bias(conv),
+        ),
+    )
+
+
+def build_grouped(
+    conv: nn.Conv2d, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor, groups: int
+) -> nn.Sequential:
+    """1x1 reduce, grouped kxk core (stride, padding, dilation of the original), 1x1 expand (bias).
+
+    The padding belongs to the core: the bias-free 1x1 before it maps zero padding to zero padding.
+    """
+    return nn.Sequential(
+        _make_conv(conv, first[:, :, None, None]),
+        _make_conv(conv, core, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=groups),
+        _make_conv(conv, last[:, :, None, None], bias=_original_bias(conv)),
+    )
+
+
+def _probe_sizes(conv: nn.Conv2d) -> Sequence[_Pair]:
+    extent = [d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)]
+    base = [e + 2 * s + 3 for e, s in zip(extent, conv.stride)]
+    return [(base[0], base[1]), (base[0] + 1, base[1] + 2)]
+
+
+def check_stack(conv: nn.Conv2d, stack: nn.Sequential) -> None:
+    """Raise ``AssertionError`` if ``stack`` cannot stand in for ``conv`` (a bug, not a user error)."""
+    convs = [m for m in stack if isinstance(m, nn.Conv2d)]
+    problems = []
+    if convs[0].in_channels != conv.in_channels or convs[-1].out_channels != conv.out_channels:
+        problems.append(
+            f"channels {convs[0].in_channels}->{convs[-1].out_channels}, expected {conv.in_channels}->{conv.out_channels}"
+        )
+    for factor in convs:
+        if factor.weight.dtype != conv.weight.dtype or factor.weight.device != conv.weight.device:
+            problems.append(f"factor on {factor.weight.dtype}/{factor.weight.device}")
+        if factor.padding_mode != conv.padding_mode:
+            problems.append(f"padding_mode {factor.padding_mode}")
+    if (convs[-1].bias is None) != (conv.bias is None) or any(f.bias is not None for f in convs[:-1]):
+        problems.append("bias must sit on the last factor only, as in the original")
+    with torch.no_grad():
+        for height, width in _probe_sizes(conv):
+            probe = torch.zeros(1, conv.in_channels, height, width, dtype=conv.weight.dtype, device=conv.weight.device)
+            expected, got = conv(probe).shape, stack(probe).shape
+            if expected != got:
+                problems.append(f"output {tuple(got)} for input {height}x{width}, expected {tuple(expected)}")
+    if problems:
+        raise AssertionError(f"factor stack does not match {conv}: " + "; ".join(problems))

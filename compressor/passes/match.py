@@ -1,0 +1,177 @@
+"""Read-only planning: which conv gets which method and rank, and why others are skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.errors import RankError, RecipeError
+from compressor.methods import METHODS, Method, conv_macs, conv_params
+from compressor.profile import LayerProfile
+
+_FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
+
+
+@dataclass
+class LayerPlan:
+    """One conv (module or functional call) and what happens to it. Field names are report keys."""
+
+    name: str
+    method: str
+    rank: int | None
+    kernel: tuple[int, int] | None
+    in_channels: int | None
+    out_channels: int | None
+    macs_before: int | None
+    macs_after: int | None
+    params_before: int | None
+    params_after: int | None
+    skipped_reason: str | None = None
+    groups: int = 1
+    rule: int | None = None
+    calls: int = 0
+    weight_rel_error: float | None = None
+
+    @property
+    def rewrites(self) -> bool:
+        return self.method in METHODS
+
+
+def _describe_rule(index: int, match: str | Sequence[str]) -> str:
+    patterns = [match] if isinstance(match, str) else list(match)
+    return f"rule {index} (match {', '.join(repr(p) for p in patterns)})"
+
+
+def resolve_rank(method: Method, conv: nn.Conv2d, profile: LayerProfile, spec, groups: int, name: str) -> int:
+    """Turn a recipe rank (int, ``"full"``, ``{macs: f}``) into a validated integer rank."""
+    full = method.full_rank(conv, groups)
+    step = method.rank_step(groups)
+    what = f"layer {name} ({method.name}, kernel {conv.kernel_size[0]}x{conv.kernel_size[1]}, {conv.in_channels}->{conv.out_channels})"
+    if spec == "full":
+        return full
+    if isinstance(spec, int):
+        if spec > full:
+            raise RankError(f"{what}: rank {spec} is above its full rank {full}")
+        if spec % step:
+            raise RankError(f"{what}: rank {spec} is not divisible by groups={groups}")
+        return spec
+    budget = spec.macs * conv_macs(conv, profile.calls)
+    for rank in range(full - full % step, 0, -step):
+        if method.macs(conv, profile.calls, rank, groups) <= budget:
+            return rank
+    smallest = method.macs(conv, profile.calls, step, groups)
+    raise RankError(
+        f"{what}: {{macs: {spec.macs}}} allows {int(budget)} MACs but the smallest rank ({step}) costs {smallest}"
+    )
+
+
+def _conv_entry(name: str, conv: nn.Conv2d, profile: LayerProfile, method: str = "keep", reason: str | None = None):
+    macs = conv_macs(conv, profile.calls)
+    params = conv_params(conv)
+    return LayerPlan(
+        name=name,
+        method=method,
+        rank=None,
+        kernel=tuple(conv.kernel_size),
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        macs_before=macs,
+        macs_after=macs,
+        params_before=params,
+        params_after=params,
+        skipped_reason=reason,
+        calls=len(profile.calls),
+    )
+
+
+def _functional_entries(module: nn.Module) -> list[LayerPlan]:
+    if not isinstance(module, torch.fx.GraphModule):
+        return []
+    entries = []
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        shape = None
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            shape = tuple(module.get_parameter(weight.target).shape)
+        entries.append(
+            LayerPlan(
+                name=node.name,
+                method="keep",
+                rank=None,
+                kernel=shape[2:] if shape else None,
+                in_channels=shape[1] if shape else None,
+                out_channels=shape[0] if shape else None,
+                macs_before=None,
+                macs_after=None,
+                params_before=None,
+                params_after=None,
+                skipped_reason="functional F.conv2d call: its weight is not an nn.Conv2d module, so there is no layer to replace",
+            )
+        )
+    return entries
+
+
+def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) -> list[LayerPlan]:
+    """Assign every Conv2d of ``module`` its rule (first match wins) and resolve ranks.
+
+    Read-only. Order is ``named_modules`` order, then functional convs in graph order. Raises
+    ``RecipeError`` for a rule that applies to no layer, ``RankError`` for a rank that does not fit.
+    """
+    convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    applied = [0] * len(recipe.rules)
+    selected = [0] * len(recipe.rules)
+    plans = []
+    for name, conv in convs:
+        profile = profiles[name]
+        indices = [
+            i
+            for i, rule in enumerate(recipe.rules)
+            if rule.selects(name, tuple(conv.kernel_size), conv.in_channels, conv.out_channels)
+        ]
+        for i in indices:
+            selected[i] += 1
+        if not indices:
+            plans.append(_conv_entry(name, conv, profile, reason="no rule matches"))
+            continue
+        index = indices[0]
+        applied[index] += 1
+        rule = recipe.rules[index]
+        plan = _plan_conv(name, conv, profile, rule, index)
+        plans.append(plan)
+    for index, rule in enumerate(recipe.rules):
+        if applied[index]:
+            continue
+        label = _describe_rule(index, rule.match)
+        if selected[index]:
+            raise RecipeError(f"{label} selects {selected[index]} layer(s), but earlier rules claim them all")
+        names = ", ".join(name for name, _ in convs) or "(none)"
+        raise RecipeError(f"{label} matches no layer; the Conv2d layers are: {names}")
+    return plans + _functional_entries(module)
+
+
+def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: int) -> LayerPlan:
+    if rule.method == "keep":
+        plan = _conv_entry(name, conv, profile)
+        plan.rule = index
+        return plan
+    method = METHODS[rule.method]
+    reason = method.skip_reason(conv)
+    if reason is None and not profile.calls:
+        reason = "never called on the example input, so a rewrite could not be verified"
+    if reason is not None:
+        plan = _conv_entry(name, conv, profile, reason=f"{rule.method} skipped: {reason}")
+        plan.rule = index
+        return plan
+    rank = resolve_rank(method, conv, profile, rule.rank, rule.groups, name)
+    plan = _conv_entry(name, conv, profile, method=rule.method)
+    plan.rule, plan.rank, plan.groups = index, rank, rule.groups
+    plan.macs_after = method.macs(conv, profile.calls, rank, rule.groups)
+    plan.params_after = method.params(conv, rank, rule.groups)
+    return plan

@@ -1,0 +1,42 @@
+"""The only place that mutates a model: replace convs by their factor stacks."""
+
+from __future__ import annotations
+
+import torch.fx
+from torch import nn
+
+
+def _parent_name(target: str) -> tuple[str, str]:
+    *parent, name = target.rsplit(".", 1)
+    return (parent[0] if parent else ""), name
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, name = _parent_name(target)
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def rewrite_(model: nn.Module, replacements: dict[str, nn.Sequential]) -> nn.Module:
+    """Replace, in place, each named conv by its stack and return ``model``.
+
+    The stack is registered under the conv's qualified name, so a module called from several places
+    stays one shared module. On a ``GraphModule`` every call site is also inlined into a chain of
+    ``call_module`` nodes (``name.0``, ``name.1``, ...), visited in graph order, and the graph is
+    linted and recompiled; otherwise the swap alone is the rewrite (module-swap fallback).
+    """
+    for target in sorted(replacements):
+        _set_submodule(model, target, replacements[target])
+    if isinstance(model, torch.fx.GraphModule):
+        graph = model.graph
+        for node in list(graph.nodes):
+            if node.op != "call_module" or node.target not in replacements:
+                continue
+            value = node.args[0] if node.args else node.kwargs["input"]
+            with graph.inserting_before(node):
+                for index in range(len(replacements[node.target])):
+                    value = graph.call_module(f"{node.target}.{index}", (value,))
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+        graph.lint()
+        model.recompile()
+    return model

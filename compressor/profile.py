@@ -1,0 +1,86 @@
+"""What each Conv2d and Linear sees in one forward pass: spatial sizes per call, MACs, parameters.
+
+Forward hooks rather than FX shape propagation, so that the same numbers come out of a traced
+GraphModule and of a model FX cannot trace. A module called twice contributes twice to MACs and once
+to parameters, as it does at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CallShape:
+    """Spatial sizes (per sample) of one call of a conv: input (H, W) and output (H, W)."""
+
+    input_hw: tuple[int, int]
+    output_hw: tuple[int, int]
+
+
+@dataclass
+class LayerProfile:
+    module: nn.Module
+    calls: list[CallShape] = field(default_factory=list)
+    macs: int = 0
+
+
+def _conv_macs(conv: nn.Conv2d, output: torch.Tensor) -> int:
+    kh, kw = conv.kernel_size
+    per_output = (conv.in_channels // conv.groups) * kh * kw
+    return per_output * output[0].numel()
+
+
+def _linear_macs(linear: nn.Linear, output: torch.Tensor) -> int:
+    return linear.in_features * output[0].numel()
+
+
+def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerProfile]:
+    """Run ``model`` once on ``example_input`` and return a profile per Conv2d/Linear qualified name.
+
+    MACs are per sample (the batch dimension is divided out), so totals do not depend on the
+    example batch size. Modules that never run keep an empty ``calls`` list.
+    """
+    profiles: dict[str, LayerProfile] = {}
+    handles = []
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            profile = profiles[name]
+            if isinstance(module, nn.Conv2d):
+                profile.calls.append(
+                    CallShape(tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))  # type: ignore[arg-type]
+                )
+                profile.macs += _conv_macs(module, output)
+            else:
+                profile.macs += _linear_macs(module, output)
+
+        return hook
+
+    for name, module in model.named_modules(remove_duplicate=True):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            profiles[name] = LayerProfile(module)
+            handles.append(module.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return profiles
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_totals(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs per sample and parameters over every Conv2d and Linear of ``model``."""
+    profiles = profile_model(model, example_input)
+    return {
+        "macs": sum(p.macs for p in profiles.values()),
+        "params": sum(count_parameters(p.module) for p in profiles.values()),
+    }

@@ -1,0 +1,616 @@
+"""Recipes: which Conv2d layers to rewrite, and how.
+
+A recipe is a YAML mapping validated by the pydantic models below::
+
+    name: mobile                      # optional
+    description: "..."                # optional
+    input_shape: [1, 3, 224, 224]     # optional, 4 positive ints (N, C, H, W)
+    rules:                            # required, ordered, first match wins
+      - match: "layer*.conv*"         # glob (whole name, ``*`` crosses dots) or "re:<regex>" (full match),
+                                      # or a non-empty list of those (any may match)
+        method: depthwise_separable   # depthwise_separable | spatial_separable | grouped | keep
+        rank: full                    # positive int | "full" | {macs: f} with 0 < f <= 1 (default "full")
+        groups: 1                     # positive int (default 1); > 1 only with method grouped
+        kernel_size: 3                # optional filter: k (kh == kw == k) or [kh, kw]
+        min_kernel_size: 3            # optional filter: kh >= n and kw >= n
+        min_in_channels: 8            # optional filter
+        min_out_channels: 8           # optional filter
+    export:                           # optional
+      opset: 17                       # int >= 17 (default 17)
+      tolerance: 1.0e-4               # float > 0 (default 1e-4), relative Frobenius error ORT vs torch
+
+Entry points: :func:`load_recipe` (path, dict or ``Recipe``, plus ``--set KEY=VALUE`` overrides) and
+:func:`apply_overrides`. Every user error is raised as a single-line :class:`~compressor.errors.RecipeError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import os
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from compressor.errors import RecipeError
+
+__all__ = [
+    "METHODS",
+    "REGEX_PREFIX",
+    "ExportConfig",
+    "MacsRank",
+    "Method",
+    "Rank",
+    "Recipe",
+    "Rule",
+    "apply_overrides",
+    "load_recipe",
+]
+
+#: The rewrite methods a rule may name, in documentation order.
+METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "grouped", "keep")
+
+#: A ``match`` pattern starting with this prefix is a regular expression (full match), not a glob.
+REGEX_PREFIX = "re:"
+
+Method = Literal["depthwise_separable", "spatial_separable", "grouped", "keep"]
+assert get_args(Method) == METHODS  # keep the constant and the Literal in step
+
+# Strict: rejects bools, strings and floats instead of silently coercing them.
+PositiveStrictInt = Annotated[int, Field(strict=True, gt=0)]
+
+_RANK_EXPECTED = "expected a positive integer, 'full', or {macs: f} with 0 < f <= 1"
+_MAX_REPR = 80
+
+
+def _short_repr(value: Any) -> str:
+    """``repr(value)`` on one line, truncated so that error messages stay readable."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    """Collapse all whitespace runs (newlines included) to single spaces."""
+    return " ".join(str(text).split())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MacsRank(BaseModel):
+    """Rank chosen per layer so that the rewritten layer keeps ``macs`` of the original MACs (0 < macs <= 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    macs: Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)]
+
+
+#: A rule's rank: a positive int, the string ``"full"``, or a :class:`MacsRank`.
+Rank = Union[PositiveStrictInt, Literal["full"], MacsRank]
+
+
+class Rule(BaseModel):
+    """One recipe rule: a name pattern, optional shape filters, and what to do with matching layers.
+
+    ``describe()`` needs the rule's position in the recipe: :class:`Recipe` stores it privately after
+    validation (``rule.index``); a ``Rule`` built on its own has ``index is None`` unless you pass one to
+    ``describe(index)``. Rule instances handed to ``Recipe(...)`` are re-validated into copies, so one
+    ``Rule`` object used twice (or in two recipes) does not share its index.
+    """
+
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
+
+    match: Union[str, list[str]]
+    method: Method
+    rank: Rank = "full"
+    groups: PositiveStrictInt = 1
+    kernel_size: Optional[tuple[int, int]] = None
+    min_kernel_size: Optional[PositiveStrictInt] = None
+    min_in_channels: Optional[PositiveStrictInt] = None
+    min_out_channels: Optional[PositiveStrictInt] = None
+
+    _index: Optional[int] = PrivateAttr(default=None)
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _check_match(cls, value: Any) -> Any:
+        patterns = [value] if isinstance(value, str) else value
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(
+                f"expected a pattern string or a non-empty list of pattern strings; got {_short_repr(value)}"
+            )
+        for pattern in patterns:
+            if pattern == "" or pattern == REGEX_PREFIX:
+                raise ValueError(f"empty pattern {pattern!r}")
+            if pattern.startswith(REGEX_PREFIX):
+                try:
+                    re.compile(pattern[len(REGEX_PREFIX) :])
+                except re.error as exc:
+                    raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return value
+
+    @field_validator("rank", mode="wrap")
+    @classmethod
+    def _check_rank(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # The union yields one sub-error per member; report a single readable one instead.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("rank_type", "{expected}; got {got}", {
+                "expected": _RANK_EXPECTED, "got": _short_repr(value)
+            }) from None
+
+    @field_validator("kernel_size", mode="before")
+    @classmethod
+    def _normalize_kernel_size(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if _is_int(value) and value > 0:
+            return (value, value)
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(_is_int(v) and v > 0 for v in value)
+        ):
+            return tuple(value)
+        raise ValueError(f"expected a positive int k or a pair [kh, kw] of positive ints; got {_short_repr(value)}")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Rule:
+        if self.groups > 1 and self.method != "grouped":
+            raise ValueError(
+                f"groups {self.groups} is only valid with method 'grouped'; got method {self.method!r}"
+            )
+        if self.method == "grouped" and isinstance(self.rank, int) and self.rank % self.groups != 0:
+            raise ValueError(f"rank {self.rank} is not divisible by groups {self.groups}")
+        return self
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The ``match`` patterns as a tuple (one element when ``match`` is a single string)."""
+        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
+
+    @property
+    def index(self) -> Optional[int]:
+        """Position of this rule in its recipe (set by :class:`Recipe` validation), or ``None``."""
+        return self._index
+
+    def matches_name(self, name: str) -> bool:
+        """True when any pattern matches the whole qualified module name.
+
+        Globs use :func:`fnmatch.fnmatchcase` (``*`` may cross dots); ``re:`` patterns use :func:`re.fullmatch`.
+        """
+        for pattern in self.patterns:
+            if pattern.startswith(REGEX_PREFIX):
+                if re.fullmatch(pattern[len(REGEX_PREFIX) :], name):
+                    return True
+            elif fnmatch.fnmatchcase(name, pattern):
+                return True
+        return False
+
+    def selects(
+        self,
+        name: str,
+        kernel_size: Union[tuple[int, int], int],
+        in_channels: int,
+        out_channels: int,
+    ) -> bool:
+        """True when the name matches a pattern and the layer satisfies every filter the rule sets."""
+        if not self.matches_name(name):
+            return False
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if self.kernel_size is not None and (kh, kw) != self.kernel_size:
+            return False
+        if self.min_kernel_size is not None and (kh < self.min_kernel_size or kw < self.min_kernel_size):
+            return False
+        if self.min_in_channels is not None and in_channels < self.min_in_channels:
+            return False
+        if self.min_out_channels is not None and out_channels < self.min_out_channels:
+            return False
+        return True
+
+    def describe(self, index: Optional[int] = None) -> str:
+        """Short label such as ``rule 0 (match 'layer*.conv*')``.
+
+        ``index`` defaults to the position stored by :class:`Recipe`; ``?`` when neither is known.
+        """
+        if index is None:
+            index = self._index
+        label = "?" if index is None else str(index)
+        match = repr(self.match) if isinstance(self.match, str) else "[" + ", ".join(map(repr, self.match)) + "]"
+        return f"rule {label} (match {match})"
+
+
+class ExportConfig(BaseModel):
+    """ONNX export settings and the ORT-vs-PyTorch parity tolerance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opset: Annotated[int, Field(strict=True, ge=17)] = 17
+    #: Max relative error ``||ort - torch||_F / ||torch||_F``.
+    tolerance: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1e-4
+
+
+class Recipe(BaseModel):
+    """A validated recipe. Rules are ordered; the first rule that selects a layer wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    input_shape: Optional[tuple[int, int, int, int]] = None
+    rules: list[Rule]
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("name", "description", mode="before")
+    @classmethod
+    def _numbers_to_str(cls, value: Any) -> Any:
+        # ``name: 2024`` or ``--set name=1.5`` arrive as numbers from YAML; keep them as text.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _check_input_shape(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_int(v) and v > 0 for v in value):
+            return tuple(value)
+        raise ValueError(f"expected 4 positive ints [N, C, H, W]; got {_short_repr(value)}")
+
+    @field_validator("rules", mode="after")
+    @classmethod
+    def _check_rules(cls, value: list[Rule]) -> list[Rule]:
+        if not value:
+            raise ValueError("at least one rule is required")
+        return value
+
+    @model_validator(mode="after")
+    def _index_rules(self) -> Recipe:
+        for i, rule in enumerate(self.rules):
+            rule._index = i
+        return self
+
+    def rule_for(
+        self,
+        name: str,
+        kernel_size: Union[tuple[int, int], int],
+        in_channels: int,
+        out_channels: int,
+    ) -> Optional[Rule]:
+        """The first rule that selects the layer, or ``None`` when no rule does."""
+        for rule in self.rules:
+            if rule.selects(name, kernel_size, in_channels, out_channels):
+                return rule
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schema walking (shared by overrides and error formatting)
+
+
+@dataclass(frozen=True)
+class _ListOf:
+    item: type[BaseModel]
+
+
+_Schema = Union[type[BaseModel], _ListOf]
+
+
+def _schema_of(annotation: Any) -> Optional[_Schema]:
+    """The model (or list of models) a field can descend into, or ``None`` for a plain-value field."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _schema_of(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        for arg in get_args(annotation):
+            found = _schema_of(arg)
+            if found is not None:
+                return found
+        return None
+    if origin in (list, Sequence):
+        (item,) = get_args(annotation) or (Any,)
+        inner = _schema_of(item)
+        return _ListOf(inner) if isinstance(inner, type) else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _allowed(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _where(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) if path else "top level"
+
+
+def _model_at(loc: Sequence[Any]) -> Optional[type[BaseModel]]:
+    """The model whose instance lives at ``loc`` (e.g. ``('rules', 0)`` -> ``Rule``), if any."""
+    node: Optional[_Schema] = Recipe
+    for part in loc:
+        if isinstance(node, _ListOf):
+            if not isinstance(part, int):
+                return None
+            node = node.item
+        elif isinstance(node, type) and isinstance(part, str) and part in node.model_fields:
+            node = _schema_of(node.model_fields[part].annotation)
+        else:
+            return None
+    return node if isinstance(node, type) else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe loader that reads ``1e-3`` as a float (PyYAML's YAML 1.1 resolver reads it as a string)
+    and rejects duplicate keys instead of silently keeping the last one."""
+
+    # Own copy of the resolver table: ``add_implicit_resolver`` would otherwise append to lists shared
+    # with ``yaml.SafeLoader``.
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+# Float resolvers go first so that they win over the int resolver (as in PyYAML's own order).
+for _first in "-+0123456789.":
+    _RecipeLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:float", _FLOAT_RE)
+    )
+del _first
+
+
+def _yaml_error(source: str, exc: yaml.YAMLError) -> RecipeError:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"{source}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context:
+            text += f" ({exc.context}"
+            if exc.context_mark is not None:
+                text += f" at line {exc.context_mark.line + 1}"
+            text += ")"
+    else:
+        text = f"{source}: invalid YAML: {exc}"
+    return RecipeError(_one_line(text))
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override VALUE as YAML (``8`` -> int, ``1e-3`` -> float, ``[1,3,64,64]`` -> list).
+
+    Text that is not valid YAML on its own (``*.conv``, which YAML reads as an alias) is kept as a string.
+    """
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a deep copy of the raw recipe mapping with ``KEY=VALUE`` overrides applied in order.
+
+    ``KEY`` is a dotted path through the schema (``rules.0.rank``, ``export.opset``, ``rules.0.rank.macs``);
+    any key the schema defines may be set, missing intermediate mappings are created, and a plain value
+    standing where a mapping is needed (``rank: full`` under ``rules.0.rank.macs=0.5``) is replaced.
+    ``VALUE`` is parsed as YAML (an empty VALUE is ``null``, which clears an optional key).
+    The result is not validated. Raises :class:`RecipeError` for a malformed override, a key the schema
+    does not define, or a list index that does not exist. ``raw`` is not modified.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    result: dict[str, Any] = copy.deepcopy(dict(raw))
+    for override in overrides:
+        _apply_one(result, override)
+    return result
+
+
+def _apply_one(raw: dict[str, Any], override: str) -> None:
+    if not isinstance(override, str):
+        raise RecipeError(f"--set {_short_repr(override)}: expected a KEY=VALUE string")
+    label = f"--set {_one_line(override)}"
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep:
+        raise RecipeError(f"{label}: expected KEY=VALUE (e.g. rules.0.rank=8)")
+    if not key:
+        raise RecipeError(f"{label}: empty KEY; expected KEY=VALUE (e.g. rules.0.rank=8)")
+    segments = key.split(".")
+    if any(not s.strip() for s in segments):
+        raise RecipeError(f"{label}: empty segment in key {key!r}")
+    segments = [s.strip() for s in segments]
+    value = _parse_value(text)
+
+    node: _Schema = Recipe
+    container: Any = raw
+    walked: list[str] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if isinstance(node, _ListOf):
+            n = len(container)
+            if not (seg.isascii() and seg.isdigit()):
+                raise RecipeError(
+                    f"{label}: {_where(walked)} is a list; {seg!r} is not an index"
+                    + (f" (use 0..{n - 1})" if n else "")
+                )
+            idx = int(seg)
+            if idx >= n:
+                extent = f"{n} entry, index 0" if n == 1 else f"{n} entries, indices 0..{n - 1}" if n else "no entries"
+                raise RecipeError(f"{label}: {_where(walked)} has {extent}")
+            if last:
+                container[idx] = value
+                return
+            if not isinstance(container[idx], dict):
+                container[idx] = {}
+            container, node = container[idx], node.item
+        else:
+            fields = node.model_fields
+            if seg not in fields:
+                under = f"under {_where(walked)}" if walked else "at top level"
+                raise RecipeError(f"{label}: {seg!r} is not a recipe key {under}; allowed: {_allowed(node)}")
+            if last:
+                container[seg] = value
+                return
+            child = _schema_of(fields[seg].annotation)
+            here = _where([*walked, seg])
+            if child is None:
+                raise RecipeError(
+                    f"{label}: {segments[i + 1]!r} is not a recipe key under {here}; {here} takes a plain value"
+                )
+            current = container.get(seg)
+            if isinstance(child, _ListOf):
+                if current is None:
+                    current = container[seg] = []
+                elif not isinstance(current, list):
+                    raise RecipeError(f"{label}: cannot index {here}: it is not a list (got {_short_repr(current)})")
+            elif not isinstance(current, dict):
+                current = container[seg] = {}
+            container, node = current, child
+        walked.append(seg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation errors
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    msg = str(err.get("msg", ""))
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1] if loc else "?"
+        model = _model_at(parent)
+        allowed = f"; allowed: {_allowed(model)}" if model is not None else ""
+        where = _where(parent)
+        return f"unknown key {str(key)!r} at {where}{allowed}"
+    if kind == "missing":
+        parent, key = loc[:-1], loc[-1] if loc else "?"
+        prefix = f"{_where(parent)}: " if parent else ""
+        return f"{prefix}missing required key {str(key)!r}"
+    if kind == "value_error" and msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    elif kind not in ("rank_type", "value_error", "assertion_error"):
+        msg = f"{msg}; got {_short_repr(err.get('input'))}"
+    return f"{_where(loc)}: {msg}" if loc else msg
+
+
+def _validation_error(source: str, exc: ValidationError) -> RecipeError:
+    parts = [_one_line(f"{source}: {_format_error(e)}") for e in exc.errors()]
+    return RecipeError("; ".join(parts))
+
+
+def _validate(raw: Any, source: str) -> Recipe:
+    if not isinstance(raw, Mapping):
+        kind = "nothing (empty document)" if raw is None else f"a {type(raw).__name__}"
+        raise RecipeError(f"{source}: a recipe must be a mapping at the top level; got {kind}")
+    try:
+        return Recipe.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise _validation_error(source, exc) from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path) -> Any:
+    shown = str(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file not found: {shown}")
+    if path.is_dir():
+        raise RecipeError(f"recipe path is a directory, not a file: {shown}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(_one_line(f"cannot read recipe file {shown}: {exc}")) from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise _yaml_error(shown, exc) from None
+
+
+def load_recipe(
+    source: Union[str, os.PathLike[str], Mapping[str, Any], Recipe],
+    overrides: Sequence[str] = (),
+) -> Recipe:
+    """Load, override and validate a recipe.
+
+    ``source`` is a path to a YAML file (``str`` or path-like), a raw mapping, or a ``Recipe`` (which is
+    dumped, overridden and re-validated, so the result is always a new object). ``overrides`` are
+    ``KEY=VALUE`` strings applied in order (see :func:`apply_overrides`).
+
+    Every problem raises a single-line :class:`RecipeError`: ``recipe file not found: PATH``,
+    ``PATH: invalid YAML at line L, column C: ...``, ``PATH: a recipe must be a mapping at the top level; got a list``,
+    ``--set KEY=VALUE: ...`` for a bad override, or ``SOURCE: LOC: MESSAGE[; SOURCE: LOC: MESSAGE ...]`` for
+    validation errors, where SOURCE is the file path or ``recipe`` (with `` (with --set overrides)`` appended
+    when overrides were given) and LOC a dotted location such as ``rules.0.rank``.
+    """
+    if isinstance(source, Recipe):
+        raw: Any = source.model_dump(mode="python")
+        shown = "recipe"
+    elif isinstance(source, Mapping):
+        raw = source
+        shown = "recipe"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        raw = _read_yaml(path)
+        shown = str(source) if isinstance(source, str) else str(path)
+    else:
+        raise TypeError(f"load_recipe() expects a path, a mapping or a Recipe, not {type(source).__name__}")
+
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    if overrides:
+        if not isinstance(raw, Mapping):
+            _validate(raw, shown)  # raises the top-level error
+        raw = apply_overrides(raw, overrides)
+        shown = f"{shown} (with --set overrides)"
+    return _validate(raw, shown)

@@ -1,0 +1,108 @@
+"""report.json content and its terminal rendering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from compressor.passes.match import LayerPlan
+
+LAYER_KEYS = (
+    "name",
+    "method",
+    "rank",
+    "kernel",
+    "in_channels",
+    "out_channels",
+    "macs_before",
+    "macs_after",
+    "params_before",
+    "params_after",
+    "weight_rel_error",
+    "skipped_reason",
+)
+"""The stable per-layer keys of report.json; extra keys (groups, rule, calls) follow them."""
+
+
+def layer_record(plan: LayerPlan) -> dict:
+    record = {key: getattr(plan, key) for key in LAYER_KEYS}
+    record["kernel"] = list(plan.kernel) if plan.kernel else None
+    record.update(groups=plan.groups, rule=plan.rule, calls=plan.calls)
+    return record
+
+
+def totals_record(before: dict[str, int], after: dict[str, int]) -> dict[str, float | int]:
+    return {
+        "macs_before": before["macs"],
+        "macs_after": after["macs"],
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "macs_ratio": after["macs"] / max(before["macs"], 1),
+        "params_ratio": after["params"] / max(before["params"], 1),
+    }
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _layer_table(layers: Sequence[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "method", "rank", "kernel", "MACs before", "MACs after", "params before", "params after", "weight err", "note"):
+        table.add_column(column, overflow="fold")
+    for layer in layers:
+        kernel = "x".join(map(str, layer["kernel"])) if layer["kernel"] else "-"
+        rank = "-" if layer["rank"] is None else str(layer["rank"]) + (f"/g{layer['groups']}" if layer["groups"] > 1 else "")
+        error = "-" if layer["weight_rel_error"] is None else f"{layer['weight_rel_error']:.2e}"
+        table.add_row(
+            layer["name"],
+            layer["method"],
+            rank,
+            kernel,
+            _count(layer["macs_before"]),
+            _count(layer["macs_after"]),
+            _count(layer["params_before"]),
+            _count(layer["params_after"]),
+            error,
+            layer["skipped_reason"] or "",
+        )
+    return table
+
+
+def render_plan(report: dict, console: Console) -> None:
+    console.print(_layer_table(report["layers"], f"Plan ({report['graph']} graph)"))
+    planned_before = sum(l["macs_before"] or 0 for l in report["layers"])
+    planned_after = sum(l["macs_after"] or 0 for l in report["layers"])
+    console.print(f"conv MACs: {_count(planned_before)} -> {_count(planned_after)} (per sample)")
+
+
+def render_summary(report: dict, console: Console) -> None:
+    console.print(_layer_table(report["layers"], f"Layers ({report['graph']} graph)"))
+    totals = report["totals"]
+    console.print(
+        f"Totals (Conv2d + Linear, per sample): MACs {_count(totals['macs_before'])} -> {_count(totals['macs_after'])} "
+        f"(x{totals['macs_ratio']:.3f}), params {_count(totals['params_before'])} -> {_count(totals['params_after'])} "
+        f"(x{totals['params_ratio']:.3f})"
+    )
+    console.print(f"PyTorch output, compressed vs original: relative error {report['output_rel_error']:.3e}")
+    onnx = report.get("onnx")
+    if onnx:
+        verdict = "PASS" if onnx["passed"] else "FAIL"
+        console.print(
+            f"ONNX Runtime parity {verdict}: compressed max|diff| {onnx['parity_max_abs']:.3e}, "
+            f"rel {onnx['parity_rel']:.3e} (tolerance {onnx['tolerance']:.1e}); original rel "
+            f"{onnx.get('original_parity_rel', float('nan')):.3e}"
+        )
+    evaluation = report.get("eval")
+    if evaluation:
+        accuracy = ""
+        if evaluation["accuracy_original"] is not None:
+            accuracy = f", accuracy {evaluation['accuracy_original']:.4f} -> {evaluation['accuracy_compressed']:.4f}"
+        console.print(f"Eval on {evaluation['samples']} samples: top-1 agreement {evaluation['top1_agreement']:.4f}{accuracy}")
