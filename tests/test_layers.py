@@ -1,0 +1,113 @@
+"""Factor stacks reproduce single convs over the full hyperparameter matrix; bad convs are refused."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import layers
+from compressor.methods import METHODS, factorize
+
+KERNELS = [(3, 3), (5, 5), (3, 1), (1, 5), (7, 7)]
+STRIDES = [1, 2, (2, 1)]
+PADDINGS = [0, 1, "same", (2, 1)]
+DILATIONS = [1, 2]
+BIASES = [True, False]
+METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("grouped", 1), ("grouped", 2)]
+IN_CHANNELS, OUT_CHANNELS = 5, 7
+TOLERANCE = 2e-5  # float32 layers; factor math is float64, the stack runs in float32
+
+
+def _cases():
+    for (method, groups), kernel, stride, padding, dilation, bias in itertools.product(
+        METHOD_GROUPS, KERNELS, STRIDES, PADDINGS, DILATIONS, BIASES
+    ):
+        if padding == "same" and stride != 1:
+            continue  # torch refuses padding='same' with stride != 1
+        if method == "spatial_separable" and kernel == (1, 1):
+            continue
+        yield pytest.param(
+            method, groups, kernel, stride, padding, dilation, bias,
+            id=f"{method}-g{groups}-k{kernel[0]}x{kernel[1]}-s{stride}-p{padding}-d{dilation}-{'bias' if bias else 'nobias'}",
+        )
+
+
+@pytest.mark.parametrize("method, groups, kernel, stride, padding, dilation, bias", list(_cases()))
+def test_full_rank_stack_reproduces_conv(method, groups, kernel, stride, padding, dilation, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(IN_CHANNELS, OUT_CHANNELS, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    spec = METHODS[method]
+    rank = spec.full_rank(conv, groups)
+    stack, weight_error = factorize(spec, conv, rank, groups)
+    x = torch.randn(2, IN_CHANNELS, 17, 19)
+    with torch.no_grad():
+        expected, got = conv(x), stack(x)
+    assert got.shape == expected.shape, f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < TOLERANCE, f"rank {rank}: output relative error {error:.3e} (weight error {weight_error:.3e})"
+    assert weight_error < 1e-6, f"rank {rank}: weight relative error {weight_error:.3e}"
+    assert all(type(m) is nn.Conv2d for m in stack), f"stack holds {[type(m).__name__ for m in stack]}"
+
+
+@pytest.mark.parametrize("method, groups", METHOD_GROUPS)
+def test_output_error_decreases_with_rank(method, groups):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
+    spec = METHODS[method]
+    full = spec.full_rank(conv, groups)
+    x = torch.randn(2, 8, 12, 12)
+    errors = []
+    for rank in range(groups, full + 1, groups):
+        stack, _ = factorize(spec, conv, rank, groups)
+        with torch.no_grad():
+            errors.append(((stack(x) - conv(x)).norm() / conv(x).norm()).item())
+    rounded = [round(e, 5) for e in errors]
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), f"not monotone: {rounded}"
+    assert errors[0] > 0.05 and errors[-1] < TOLERANCE, f"expected lossy low rank, exact full rank: {rounded}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stack_keeps_dtype_and_bias_placement(dtype):
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True, dtype=dtype)
+    for method, groups in METHOD_GROUPS:
+        stack, _ = factorize(METHODS[method], conv, METHODS[method].full_rank(conv, groups), groups)
+        dtypes = {m.weight.dtype for m in stack}
+        biases = [m.bias is not None for m in stack]
+        assert dtypes == {dtype}, f"{method}: factor dtypes {dtypes}"
+        assert biases == [False] * (len(stack) - 1) + [True], f"{method}: bias flags {biases}"
+        assert all(m.padding_mode == "zeros" for m in stack)
+
+
+@pytest.mark.parametrize(
+    "conv, reason",
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), "grouped conv (groups=2)"),
+        (nn.Conv2d(4, 4, 3, groups=4), "depthwise conv (groups=4)"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+    ],
+)
+def test_unsupported_convs_name_the_reason(conv, reason):
+    got = layers.unsupported_reason(conv)
+    assert got is not None and reason in got, f"reason was {got!r}"
+
+
+def test_conv_subclass_is_refused():
+    class StandardizedConv(nn.Conv2d):
+        pass
+
+    got = layers.unsupported_reason(StandardizedConv(4, 4, 3))
+    assert got is not None and "StandardizedConv" in got, f"reason was {got!r}"
+
+
+def test_spatial_skips_1x1():
+    assert "1x1" in METHODS["spatial_separable"].skip_reason(nn.Conv2d(4, 4, 1))
+
+
+def test_check_stack_catches_a_wrong_stride():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    stack, _ = factorize(METHODS["depthwise_separable"], conv, 6, 1)
+    stack[0].stride = (1, 1)
+    with pytest.raises(AssertionError, match="output"):
+        layers.check_stack(conv, stack)

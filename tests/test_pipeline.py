@@ -1,0 +1,248 @@
+"""Whole models through compress(): exact at full rank on both graph paths, ORT parity, edge cases."""
+
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import compressor
+from compressor import zoo
+from compressor.errors import CompressorError, RankError, RecipeError
+from compressor.passes.trace import TraceFallbackWarning
+
+SMALL_MODELS = {
+    "resnet18": (lambda: zoo.resnet18(num_classes=10, width=8), (1, 3, 64, 64)),
+    "resnet50": (lambda: zoo.resnet50(num_classes=10, width=8), (1, 3, 64, 64)),
+    "vgg11_bn": (lambda: zoo.vgg11_bn(num_classes=10, width=8), (1, 3, 32, 32)),
+    "mobilenet_v2": (lambda: zoo.mobilenet_v2(num_classes=10, width_mult=0.25), (1, 3, 64, 64)),
+    "inception_style": (lambda: zoo.inception_style(num_classes=10, width=8), (1, 3, 79, 79)),
+    "deeplab_style": (lambda: zoo.deeplab_style(num_classes=5, width=8), (1, 3, 48, 48)),
+    "resnet20_cifar": (lambda: zoo.resnet20_cifar(), (1, 3, 32, 32)),
+    "edge_cases": (lambda: zoo.edge_cases(), (1, 3, 32, 32)),
+}
+METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("grouped", 1), ("grouped", 2)]
+EXACT = 1e-4  # relative output error of a float32 model rewritten at full rank
+
+
+def _build(name):
+    factory, shape = SMALL_MODELS[name]
+    torch.manual_seed(0)
+    model = zoo.randomize_batchnorm(factory()).eval()
+    return model, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+
+def _lossless(method, groups):
+    return {"rules": [{"match": "*", "method": method, "groups": groups, "rank": "full"}]}
+
+
+def _dense_convs(module):
+    return [name for name, m in module.named_modules() if type(m) is nn.Conv2d and m.groups == 1]
+
+
+def _assert_rewritten(result, original):
+    rewritten = [layer["name"] for layer in result.report["layers"] if layer["skipped_reason"] is None and layer["method"] != "keep"]
+    assert rewritten, "nothing was rewritten"
+    for name in rewritten:
+        replaced = result.model.get_submodule(name)
+        assert isinstance(replaced, nn.Sequential), f"{name} is still {type(replaced).__name__}"
+    if isinstance(result.model, torch.fx.GraphModule):
+        result.model.graph.lint()
+        called = {n.target for n in result.model.graph.nodes if n.op == "call_module"}
+        leftover = sorted(called & set(rewritten))
+        assert not leftover, f"graph still calls the replaced convs {leftover}"
+    reference = original.get_submodule(rewritten[0])
+    assert type(reference) is nn.Conv2d, "the caller's model was modified"
+
+
+@pytest.mark.parametrize("method, groups", METHOD_GROUPS, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_full_rank_is_exact_through_fx(name, method, groups):
+    model, x = _build(name)
+    result = compressor.compress(model, _lossless(method, groups), x)
+    assert result.report["graph"] == "fx", result.report["trace_error"]
+    _assert_rewritten(result, model)
+    error = result.report["output_rel_error"]
+    assert error < EXACT, f"{name} {method} g{groups}: output relative error {error:.3e}"
+    with torch.no_grad():
+        direct = ((result.model(x) - model(x)).norm() / model(x).norm()).item()
+    assert direct < EXACT, f"{name} {method} g{groups}: output relative error on the example input {direct:.3e}"
+
+
+@pytest.mark.parametrize("method, groups", METHOD_GROUPS, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "inception_style", "edge_cases"])
+def test_full_rank_is_exact_through_module_swap(name, method, groups, monkeypatch):
+    model, x = _build(name)
+
+    def refuse(_):
+        raise torch.fx.proxy.TraceError("forced by the test")
+
+    monkeypatch.setattr(torch.fx, "symbolic_trace", refuse)
+    with pytest.warns(TraceFallbackWarning, match="forced by the test"):
+        result = compressor.compress(model, _lossless(method, groups), x)
+    assert result.report["graph"] == "module-swap"
+    assert "forced by the test" in result.report["trace_error"]
+    _assert_rewritten(result, model)
+    error = result.report["output_rel_error"]
+    assert error < EXACT, f"{name} {method} g{groups}: output relative error {error:.3e}"
+
+
+def test_untraceable_model_falls_back_and_stays_exact():
+    torch.manual_seed(0)
+    model = zoo.untraceable().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(TraceFallbackWarning):
+        result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
+    assert result.report["graph"] == "module-swap"
+    assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
+
+
+@pytest.mark.parametrize("method, groups", METHOD_GROUPS, ids=lambda v: str(v))
+def test_onnx_parity_of_edge_cases(tmp_path, method, groups):
+    model, x = _build("edge_cases")
+    result = compressor.compress(model, _lossless(method, groups), x)
+    parity = result.export_onnx(tmp_path / "c.onnx", original_path=tmp_path / "o.onnx")
+    onnx = result.report["onnx"]
+    assert onnx["passed"] and parity.rel < 1e-5, f"{method}: ORT parity {onnx}"
+    assert onnx["original_parity_rel"] < 1e-5, f"original ORT parity {onnx}"
+
+
+def _layers_by_name(result):
+    return {layer["name"]: layer for layer in result.report["layers"]}
+
+
+def test_edge_case_skips_are_explained():
+    model, x = _build("edge_cases")
+    layers = _layers_by_name(compressor.compress(model, _lossless("spatial_separable", 1), x))
+    expected = {
+        "conv_grouped": "grouped conv (groups=2)",
+        "conv_depthwise": "depthwise conv",
+        "conv_reflect": "padding_mode='reflect'",
+        "conv_1x1": "1x1 kernel",
+    }
+    for name, reason in expected.items():
+        got = layers[name]["skipped_reason"]
+        assert got and reason in got and layers[name]["method"] == "keep", f"{name}: {layers[name]}"
+    functional = [layer for layer in layers.values() if "functional F.conv2d" in (layer["skipped_reason"] or "")]
+    assert len(functional) == 1 and functional[0]["kernel"] == [3, 3], f"functional conv entries: {functional}"
+
+
+def test_shared_conv_is_rewritten_once_and_stays_shared():
+    model, x = _build("edge_cases")
+    result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
+    layer = _layers_by_name(result)["conv_shared"]
+    assert layer["calls"] == 2, layer
+    first_factor_calls = [n for n in result.model.graph.nodes if n.op == "call_module" and n.target == "conv_shared.0"]
+    assert len(first_factor_calls) == 2, f"conv_shared.0 called {len(first_factor_calls)} times"
+    assert layer["macs_before"] == 2 * (16 * 16 * 9) * (16 * 16), layer  # two calls, 16x16 maps
+
+
+def test_macs_budget_picks_the_largest_rank_under_it():
+    model, x = _build("resnet18")
+    recipe = {"rules": [{"match": "layer*", "method": "depthwise_separable", "min_kernel_size": 3, "rank": {"macs": 0.3}}]}
+    result = compressor.compress(model, recipe, x)
+    for layer in result.report["layers"]:
+        if layer["method"] != "depthwise_separable":
+            continue
+        ratio = layer["macs_after"] / layer["macs_before"]
+        assert ratio <= 0.3, f"{layer['name']}: ratio {ratio:.3f}"
+        next_rank = layer["in_channels"] * (layer["rank"] + 1) * (9 + layer["out_channels"])
+        one_more = next_rank * layer["macs_before"] / (layer["in_channels"] * layer["out_channels"] * 9)
+        assert one_more > 0.3 * layer["macs_before"], f"{layer['name']}: rank {layer['rank']} + 1 also fits"
+    totals = result.report["totals"]
+    assert totals["macs_after"] < totals["macs_before"], totals
+
+
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped"])
+def test_larger_budget_never_lowers_a_rank_or_raises_an_error(method):
+    """Per layer, rank and weight error are monotone in the MACs budget.
+
+    (The output error of a randomly initialized network is not: its weights have flat spectra, so
+    every truncation is large and their interplay through BN and ReLU is chaotic. Output quality
+    against budget is measured on the pretrained model in scripts/benchmark.py.)
+    """
+    model, x = _build("resnet20_cifar")
+    runs = []
+    for fraction in (0.2, 0.4, 0.7):
+        recipe = {"rules": [{"match": "layer*", "method": method, "rank": {"macs": fraction}}]}
+        runs.append(_layers_by_name(compressor.compress(model, recipe, x)))
+    for name in runs[0]:
+        ranks = [run[name]["rank"] for run in runs]
+        errors = [run[name]["weight_rel_error"] for run in runs]
+        if ranks[0] is None:
+            continue
+        assert ranks == sorted(ranks) and ranks[0] < ranks[-1], f"{name}: ranks {ranks}"
+        assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])), f"{name}: weight errors {errors}"
+
+
+def test_totals_count_every_conv_and_linear():
+    model, x = _build("resnet18")
+    result = compressor.compress(model, {"rules": [{"match": "*", "method": "keep"}]}, x)
+    totals = result.report["totals"]
+    params = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
+    assert totals["params_before"] == totals["params_after"] == params, totals
+    assert totals["macs_before"] == totals["macs_after"] > 0, totals
+
+
+def test_rank_above_full_names_layer_and_maximum():
+    model, x = _build("resnet20_cifar")
+    with pytest.raises(RankError) as info:
+        compressor.compress(model, {"rules": [{"match": "conv1", "method": "depthwise_separable", "rank": 10}]}, x)
+    assert "conv1" in str(info.value) and "full rank 9" in str(info.value), str(info.value)
+
+
+def test_rule_matching_nothing_lists_layers():
+    model, x = _build("resnet20_cifar")
+    with pytest.raises(RecipeError) as info:
+        compressor.compress(model, {"rules": [{"match": "nothing*", "method": "keep"}]}, x)
+    assert "rule 0" in str(info.value) and "layer1.0.conv1" in str(info.value), str(info.value)
+
+
+def test_shadowed_rule_is_an_error():
+    model, x = _build("resnet20_cifar")
+    recipe = {"rules": [{"match": "*", "method": "keep"}, {"match": "layer1*", "method": "depthwise_separable"}]}
+    with pytest.raises(RecipeError, match="earlier rules claim them all"):
+        compressor.compress(model, recipe, x)
+
+
+def test_grouped_budget_rank_is_a_multiple_of_groups():
+    model, x = _build("resnet20_cifar")
+    recipe = {"rules": [{"match": "layer*", "method": "grouped", "groups": 4, "rank": {"macs": 0.5}}]}
+    result = compressor.compress(model, recipe, x)
+    ranks = [layer["rank"] for layer in result.report["layers"] if layer["method"] == "grouped"]
+    assert ranks and all(r % 4 == 0 for r in ranks), ranks
+
+
+def test_calibration_data_is_refused_not_ignored():
+    model, x = _build("resnet20_cifar")
+    with pytest.raises(CompressorError, match="not supported yet"):
+        compressor.compress(model, _lossless("depthwise_separable", 1), x, data=[x])
+
+
+def test_eval_data_reports_agreement():
+    model, x = _build("resnet20_cifar")
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    result = compressor.compress(model, _lossless("depthwise_separable", 1), x, eval_data=batches)
+    evaluation = result.report["eval"]
+    assert evaluation["samples"] == 8 and evaluation["top1_agreement"] == 1.0, evaluation
+    assert evaluation["accuracy_original"] == evaluation["accuracy_compressed"], evaluation
+
+
+def test_plan_changes_nothing():
+    model, x = _build("resnet20_cifar")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_plan = compressor.plan(model, _lossless("grouped", 1), x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(layer.weight_rel_error is None for layer in layer_plan.layers)
+    assert any(layer.rank for layer in layer_plan.layers)
+
+
+def test_float64_model_stays_float64():
+    model, x = _build("resnet20_cifar")
+    model, x = model.double(), x.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = compressor.compress(model, _lossless("spatial_separable", 1), x)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float64}
+    assert result.report["output_rel_error"] < 1e-10, result.report["output_rel_error"]
