@@ -29,7 +29,7 @@ def trace(model: nn.Module) -> Traced:
     by name is exact even without a graph; what is lost is the detection of functional convs.
     """
     try:
-        return Traced(torch.fx.symbolic_trace(model), "fx")
+        traced = torch.fx.symbolic_trace(model)
     except Exception as err:  # FX raises many types (TraceError, TypeError, RuntimeError, ...)
         message = " ".join(f"{type(err).__name__}: {err}".split())
         warnings.warn(
@@ -38,3 +38,21 @@ def trace(model: nn.Module) -> Traced:
             stacklevel=2,
         )
         return Traced(model, "module-swap", message)
+    _drop_string_annotations(traced)
+    return Traced(traced, "fx")
+
+
+def _drop_string_annotations(module: torch.fx.GraphModule) -> None:
+    """Forget node type annotations that are strings.
+
+    Under ``from __future__ import annotations`` a forward's ``x: torch.Tensor`` reaches FX as the
+    string ``"torch.Tensor"``, which FX puts in the generated code's globals, and pickling the
+    GraphModule (``torch.save``) then fails. The annotations are documentation only.
+    """
+    changed = False
+    for node in module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+            changed = True
+    if changed:
+        module.recompile()
