@@ -10,6 +10,7 @@ import argparse
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     except ParityError:
         render_summary(result.report, console)
         raise
-    except CompressorError:
+    except BaseException:
         if fresh:
             shutil.rmtree(out, ignore_errors=True)  # never leave a half-written folder we created
         raise
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, console)
     except CompressorError as err:
         if args.debug:
-            raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+            traceback.print_exc()
+        else:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code

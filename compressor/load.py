@@ -50,17 +50,30 @@ def build_architecture(spec: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise ModelLoadError(f"--arch {spec!r}: {err}") from err
+        raise ModelLoadError(f"--arch {spec!r}: {_one_line(err)}") from err
     try:
         model = factory()
     except Exception as err:
-        raise ModelLoadError(f"--arch {spec!r}: calling it with no arguments failed: {type(err).__name__}: {err}") from err
+        raise ModelLoadError(f"--arch {spec!r}: calling it with no arguments failed: {_one_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, arch: str) -> nn.Module:
+    expected = model.state_dict()
+    mismatched = [
+        f"{key} is {list(value.shape)} in the file but {list(expected[key].shape)} in the model"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if mismatched:
+        more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        raise ModelLoadError(f"{path} does not fit --arch {arch}: " + "; ".join(mismatched[:3]) + more)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         def some(keys: list[str]) -> str:
@@ -85,6 +98,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
     - TorchScript archives are refused: they cannot be rewritten.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"model path is a directory, not a file: {path}")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     if _is_torchscript(path):
@@ -95,6 +110,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # torch's wording when weights-only refuses a class
+            raise ModelLoadError(f"cannot read {path} as a PyTorch file: {_one_line(err)}") from err
         if not trust_model:
             raise ModelLoadError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), and loading it would run code "
@@ -105,9 +122,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:
-            raise ModelLoadError(f"cannot load {path}: {type(inner).__name__}: {inner}") from inner
+            raise ModelLoadError(f"cannot load {path}: {_one_line(inner)}") from inner
     except Exception as err:
-        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {type(err).__name__}: {err}") from err
+        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {_one_line(err)}") from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
+        obj = obj["model"]  # a training checkpoint that pickled the whole module
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise ModelLoadError(f"{path} holds a whole {type(obj).__name__}; --arch is only for state_dict files")

@@ -35,6 +35,8 @@ def tucker2(
             raise ValueError(f"Expected a positive integer {name}, got {value!r}")
     kept_out, kept_in = min(out_rank, out_channels), min(in_rank, in_channels)
     tensor = weight.detach().to(torch.float64).cpu().numpy()
+    if (kept_out, kept_in) == (out_channels, in_channels):
+        n_iter_max = 0  # both modes kept whole: the SVD initialization is already exact
     with tensorly.backend.BackendManager.backend_context("numpy"):
         (core, (last, first_t)), _ = partial_tucker(
             tensor, rank=[kept_out, kept_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd", tol=1e-8,
