@@ -32,7 +32,7 @@ def block_term_full_rank(out_channels: int, in_channels: int, kh: int, kw: int, 
 
 
 def block_term(
-    weight: torch.Tensor, rank: int, groups: int, *, sweeps: int = 4
+    weight: torch.Tensor, rank: int, groups: int, *, sweeps: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(first, core, last)``: shapes (R, in), (R, R/G, kh, kw), (out, R).
 

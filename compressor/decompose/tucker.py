@@ -3,11 +3,12 @@
 Kim, Park, Yoo, Choi, Yang, Shin. "Compression of Deep Convolutional Neural Networks for Fast and
 Low Power Mobile Applications", ICLR 2016: a (out, in, kh, kw) kernel becomes a 1x1 conv
 (in -> r_in), a kxk core conv (r_in -> r_out) and a 1x1 conv (r_out -> out). Computed with
-tensorly's ``partial_tucker`` (HOOI, SVD init, so deterministic) on modes 0 and 1; exact when the
-ranks reach the ranks of the mode unfoldings. The SVDs go through the eigendecomposition of the
-small (channels x channels) Gram matrices (``symeig_svd``): a conv kernel's unfoldings are wide,
-and this is several times faster than a full SVD, while the basis stays orthonormal, so full rank
-stays exact.
+tensorly's ``partial_tucker`` (HOSVD initialization on modes 0 and 1, deterministic), refined by
+HOOI sweeps (:func:`_hooi`); exact when the ranks reach the ranks of the mode unfoldings. The SVDs go through the eigendecomposition of the
+smaller Gram matrix (:func:`_gram_svd`): a conv kernel's unfoldings are wide (channels x
+channels*k*k), so this costs a (channels x channels) eigenproblem instead of a full SVD, and the
+basis stays orthonormal, so full rank stays exact. (tensorly's own ``symeig_svd`` eigendecomposes
+the *larger* Gram matrix of a wide matrix: 4608 x 4608 for a 512-channel 3x3 conv, ~40 s.)
 """
 
 from __future__ import annotations
@@ -15,13 +16,50 @@ from __future__ import annotations
 import numpy as np
 import tensorly.backend
 import torch
+from tensorly.base import unfold
 from tensorly.decomposition import partial_tucker
+from tensorly.tenalg import mode_dot, multi_mode_dot
 
 from compressor.decompose._checks import check_kernel
 
 
+def _gram_svd(matrix: np.ndarray, n_eigenvecs: int | None = None, **_: object):
+    """Truncated SVD through the eigendecomposition of the smaller of ``M M^T`` and ``M^T M``."""
+    rows, cols = matrix.shape
+    keep = min(rows, cols) if n_eigenvecs is None else min(n_eigenvecs, rows, cols)
+    wide = rows <= cols
+    gram = matrix @ matrix.T if wide else matrix.T @ matrix
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    order = np.argsort(eigenvalues)[::-1][:keep]
+    singular = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
+    basis = eigenvectors[:, order]
+    safe = np.where(singular > singular.max(initial=0.0) * 1e-12, singular, np.inf)
+    if wide:
+        return basis, singular, (matrix.T @ basis / safe).T
+    return matrix @ basis / safe, singular, basis.T
+
+
+def _hooi(tensor: np.ndarray, last: np.ndarray, first_t: np.ndarray, n_iter_max: int, tol: float = 1e-5):
+    """Higher-order orthogonal iteration on modes 0 and 1, from the HOSVD factors.
+
+    tensorly's ``partial_tucker`` runs its iterations with a full SVD whatever ``svd`` it is given;
+    this loop uses :func:`_gram_svd`, which is what makes wide layers affordable.
+    """
+    norm = np.linalg.norm(tensor)
+    previous = np.inf
+    for _ in range(n_iter_max):
+        last = _gram_svd(unfold(mode_dot(tensor, first_t.T, 1), 0), last.shape[1])[0]
+        first_t = _gram_svd(unfold(mode_dot(tensor, last.T, 0), 1), first_t.shape[1])[0]
+        core = multi_mode_dot(tensor, [last, first_t], modes=[0, 1], transpose=True)
+        error = np.sqrt(abs(norm**2 - np.linalg.norm(core) ** 2)) / max(norm, 1e-300)
+        if previous - error < tol:
+            break
+        previous = error
+    return multi_mode_dot(tensor, [last, first_t], modes=[0, 1], transpose=True), last, first_t
+
+
 def tucker2(
-    weight: torch.Tensor, out_rank: int, in_rank: int, *, n_iter_max: int = 10
+    weight: torch.Tensor, out_rank: int, in_rank: int, *, n_iter_max: int = 5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(first, core, last)``: shapes (in_rank, in), (out_rank, in_rank, kh, kw), (out, out_rank).
 
@@ -35,13 +73,12 @@ def tucker2(
             raise ValueError(f"Expected a positive integer {name}, got {value!r}")
     kept_out, kept_in = min(out_rank, out_channels), min(in_rank, in_channels)
     tensor = weight.detach().to(torch.float64).cpu().numpy()
-    if (kept_out, kept_in) == (out_channels, in_channels):
-        n_iter_max = 0  # both modes kept whole: the SVD initialization is already exact
     with tensorly.backend.BackendManager.backend_context("numpy"):
         (core, (last, first_t)), _ = partial_tucker(
-            tensor, rank=[kept_out, kept_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd", tol=1e-8,
-            svd="symeig_svd",
+            tensor, rank=[kept_out, kept_in], modes=[0, 1], n_iter_max=0, init="svd", svd=_gram_svd
         )
+        if (kept_out, kept_in) != (out_channels, in_channels):
+            core, last, first_t = _hooi(tensor, last, first_t, n_iter_max)
     padded_core = np.zeros((out_rank, in_rank, kh, kw))
     padded_core[:kept_out, :kept_in] = core
     padded_last = np.zeros((out_channels, out_rank))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +39,6 @@ class LayerPlan:
     @property
     def rewrites(self) -> bool:
         return self.method in METHODS
-
-
-def _describe_rule(index: int, match: str | Sequence[str]) -> str:
-    patterns = [match] if isinstance(match, str) else list(match)
-    return f"rule {index} (match {', '.join(repr(p) for p in patterns)})"
 
 
 def resolve_rank(method: Method, conv: nn.Conv2d, profile: LayerProfile, spec, groups: int, name: str) -> int:
@@ -148,7 +142,7 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     for index, rule in enumerate(recipe.rules):
         if applied[index]:
             continue
-        label = _describe_rule(index, rule.match)
+        label = rule.describe(index)
         if selected[index]:
             raise RecipeError(f"{label} selects {selected[index]} layer(s), but earlier rules claim them all")
         names = ", ".join(name for name, _ in convs) or "(none)"
