@@ -154,7 +154,8 @@ def compress(
     if data is not None:
         raise CompressorError("calibration data (data=...) is not supported yet: initialization is weights-only")
     started = time.perf_counter()
-    original = model.eval()
+    # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
+    original = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
     layer_plan = plan(original, recipe, example_input)
     replacements: dict[str, nn.Sequential] = {}
     for layer in layer_plan.layers:

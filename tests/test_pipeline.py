@@ -246,3 +246,14 @@ def test_float64_model_stays_float64():
         result = compressor.compress(model, _lossless("spatial_separable", 1), x)
     assert {p.dtype for p in result.model.parameters()} == {torch.float64}
     assert result.report["output_rel_error"] < 1e-10, result.report["output_rel_error"]
+
+
+def test_caller_model_keeps_its_training_flag_and_weights():
+    model, x = _build("resnet20_cifar")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
+    assert model.training and all(m.training for m in model.modules()), "compress() switched the caller's model to eval"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"compress() changed the caller's tensors: {changed[:5]}"
+    assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
