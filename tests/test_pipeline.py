@@ -71,7 +71,7 @@ def test_full_rank_is_exact_through_fx(name, method, groups):
 
 
 @pytest.mark.parametrize("method, groups", METHOD_GROUPS, ids=lambda v: str(v))
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "inception_style", "edge_cases"])
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "inception_style", "edge_cases"])
 def test_full_rank_is_exact_through_module_swap(name, method, groups, monkeypatch):
     model, x = _build(name)
 
