@@ -257,3 +257,25 @@ def test_caller_model_keeps_its_training_flag_and_weights():
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"compress() changed the caller's tensors: {changed[:5]}"
     assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
+
+
+class _Aliased(nn.Module):
+    """One conv registered under two attribute names, called through the second (eager only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.alias = self.conv
+
+    def forward(self, x):
+        if x.sum() > -1e30:  # data-dependent branch: FX cannot trace this, forcing module-swap
+            x = self.alias(x)
+        return x
+
+
+def test_module_registered_under_two_names_is_replaced_under_both():
+    model, x = _Aliased().eval(), torch.randn(1, 4, 9, 9)
+    with pytest.warns(TraceFallbackWarning):
+        result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
+    assert result.model.alias is result.model.conv and isinstance(result.model.alias, nn.Sequential)
+    assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]

@@ -24,8 +24,13 @@ def rewrite_(model: nn.Module, replacements: dict[str, nn.Sequential]) -> nn.Mod
     ``call_module`` nodes (``name.0``, ``name.1``, ...), visited in graph order, and the graph is
     linted and recompiled; otherwise the swap alone is the rewrite (module-swap fallback).
     """
+    aliases = {
+        target: [name for name, module in model.named_modules(remove_duplicate=False) if module is model.get_submodule(target)]
+        for target in replacements
+    }
     for target in sorted(replacements):
-        _set_submodule(model, target, replacements[target])
+        for name in aliases[target]:  # a module registered under several names is replaced under all of them
+            _set_submodule(model, name, replacements[target])
     if isinstance(model, torch.fx.GraphModule):
         graph = model.graph
         for node in list(graph.nodes):
