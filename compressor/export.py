@@ -110,4 +110,4 @@ def parity_batch(example_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
     batch_size = 2 if example_input.shape[0] == 1 else example_input.shape[0] + 1
     generator = torch.Generator().manual_seed(seed)
     shape = (batch_size, *example_input.shape[1:])
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(example_input.dtype)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(example_input.device, example_input.dtype)

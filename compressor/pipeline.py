@@ -119,7 +119,13 @@ class Result:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        torch.save(self.model, out / "compressed.pt")
+        try:
+            torch.save(self.model, out / "compressed.pt")
+        except Exception as err:  # pickling runs arbitrary __reduce__ code of user modules
+            raise CompressorError(
+                f"cannot pickle the compressed model to {out / 'compressed.pt'}: {type(err).__name__}: "
+                f"{' '.join(str(err).split())}"
+            ) from err
         try:
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
         finally:
@@ -130,8 +136,8 @@ class Result:
 
 def _output_rel_error(original: nn.Module, compressed: nn.Module, batch: torch.Tensor) -> float:
     with torch.no_grad():
-        expected = [t.numpy() for t in onnx_export.flatten_outputs(original(batch))]
-        got = [t.numpy() for t in onnx_export.flatten_outputs(compressed(batch))]
+        expected = [t.detach().cpu().numpy() for t in onnx_export.flatten_outputs(original(batch))]
+        got = [t.detach().cpu().numpy() for t in onnx_export.flatten_outputs(compressed(batch))]
     return onnx_export.relative_error(got, expected).rel
 
 
