@@ -57,6 +57,9 @@ def _output_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".compressed")
     if out.exists() and not out.is_dir():
         raise CompressorError(f"output path {out} exists and is not a folder")
+    model_path = Path(args.model).resolve()
+    if any((out / name).resolve() == model_path for name in OUTPUT_FILES):
+        raise CompressorError(f"--out {out} would overwrite the input model {args.model}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise CompressorError(f"output folder {out} is not empty; pass --force to write into it, or choose --out")
     return out

@@ -488,3 +488,12 @@ def test_console_script_and_help(runs):
     for option in ("--recipe", "--out", "--force", "--input-shape", "--set", "--dry-run", "--trust-model", "--arch", "--debug"):
         assert option in proc.stdout, f"{option} not in --help:\n{proc.stdout}"
     assert proc.stdout.startswith("usage: compress"), proc.stdout[:200]
+
+
+def test_output_folder_that_would_overwrite_the_input_is_refused(tmp_path, tiny_state_dict):
+    target = tmp_path / "compressed.pt"
+    torch.save(tiny_state_dict, target)
+    before = sha256(target)
+    proc = run_cli("--recipe", LOSSLESS, "--arch", ARCH, "--input-shape", SHAPE, "--out", tmp_path, "--force", target)
+    assert_one_line_error(proc, 2, "would overwrite the input model")
+    assert sha256(target) == before, "the input model was modified"
