@@ -60,7 +60,8 @@ def resolve_rank(method: Method, conv: nn.Conv2d, profile: LayerProfile, spec, g
             return rank
     smallest = method.macs(conv, profile.calls, step, groups)
     raise RankError(
-        f"{what}: {{macs: {spec.macs}}} allows {int(budget)} MACs but the smallest rank ({step}) costs {smallest}"
+        f"{what}: {{macs: {spec.macs}}} allows {int(budget)} MACs but the smallest rank ({step}) costs {smallest}; "
+        "raise the budget or add an earlier rule that keeps this layer"
     )
 
 
