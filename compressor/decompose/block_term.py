@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from compressor.decompose._checks import check_kernel
+from compressor.decompose._checks import check_kernel, check_positive_int
 from compressor.decompose.tucker import tucker2, tucker2_reconstruct
 
 
@@ -40,10 +40,8 @@ def block_term(
     read the input channels of the same block, as PyTorch lays grouped weights out.
     """
     check_kernel(weight)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"Expected a positive integer groups, got {groups!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"Expected a positive integer rank, got {rank!r}")
+    check_positive_int(groups, "groups")
+    check_positive_int(rank, "rank")
     if rank % groups:
         raise ValueError(f"Expected rank divisible by groups={groups}, got {rank}")
     per_group = rank // groups

@@ -20,7 +20,7 @@ from tensorly.base import unfold
 from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import mode_dot, multi_mode_dot
 
-from compressor.decompose._checks import check_kernel
+from compressor.decompose._checks import check_kernel, check_positive_int
 
 
 def _gram_svd(matrix: np.ndarray, n_eigenvecs: int | None = None, **_: object):
@@ -68,9 +68,8 @@ def tucker2(
     """
     check_kernel(weight)
     out_channels, in_channels, kh, kw = weight.shape
-    for name, value in (("out_rank", out_rank), ("in_rank", in_rank)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"Expected a positive integer {name}, got {value!r}")
+    check_positive_int(out_rank, "out_rank")
+    check_positive_int(in_rank, "in_rank")
     kept_out, kept_in = min(out_rank, out_channels), min(in_rank, in_channels)
     tensor = weight.detach().to(torch.float64).cpu().numpy()
     with tensorly.backend.BackendManager.backend_context("numpy"):
