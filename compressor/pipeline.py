@@ -134,6 +134,19 @@ class Result:
         return out
 
 
+def _versions() -> dict[str, str]:
+    """Versions of the packages whose numerics the report depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("compressor", "torch", "tensorly", "onnx", "onnxruntime"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed as a distribution"
+    return found
+
+
 def _output_rel_error(original: nn.Module, compressed: nn.Module, batch: torch.Tensor) -> float:
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in onnx_export.flatten_outputs(original(batch))]
@@ -173,6 +186,7 @@ def compress(
     compressed = rewrite_(layer_plan.traced.module, replacements).eval()
     report = layer_plan.report()
     report["input_shape"] = list(example_input.shape)
+    report["versions"] = _versions()
     report["recipe"] = layer_plan.recipe.model_dump(mode="json")
     report["totals"] = totals_record(model_totals(original, example_input), model_totals(compressed, example_input))
     report["output_rel_error"] = _output_rel_error(original, compressed, onnx_export.parity_batch(example_input))
