@@ -77,9 +77,8 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_totals(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs per sample and parameters over every Conv2d and Linear of ``model``."""
-    profiles = profile_model(model, example_input)
+def totals(profiles: dict[str, LayerProfile]) -> dict[str, int]:
+    """MACs per sample and parameters over every profiled Conv2d and Linear."""
     return {
         "macs": sum(p.macs for p in profiles.values()),
         "params": sum(count_parameters(p.module) for p in profiles.values()),
