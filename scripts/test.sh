@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite. Extra arguments go to pytest (e.g. -m "not slow").
+# Set up (if needed) and run the test suite. Extra arguments go to pytest (e.g. -k pipeline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

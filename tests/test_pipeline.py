@@ -1,6 +1,7 @@
 """Whole models through compress(): exact at full rank on both graph paths, ORT parity, edge cases."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,20 @@ def test_module_registered_under_two_names_is_replaced_under_both():
         result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
     assert result.model.alias is result.model.conv and isinstance(result.model.alias, nn.Sequential)
     assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_runs_end_to_end(recipe, tmp_path):
+    model, x = _build("resnet18")
+    result = compressor.compress(model, recipe, x)
+    rewritten = [layer for layer in result.report["layers"] if layer["method"] != "keep"]
+    assert rewritten, f"{recipe.name} rewrote nothing on resnet18"
+    result.export_onnx(tmp_path / "c.onnx")
+    assert result.report["onnx"]["passed"], result.report["onnx"]
+    if recipe.name == "lossless.yaml":
+        assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
+    else:
+        assert result.report["totals"]["macs_ratio"] < 1, result.report["totals"]
