@@ -8,6 +8,11 @@ into one line on stderr and its ``exit_code``; anything else is a bug and keeps 
 from __future__ import annotations
 
 
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` on one line, for errors that wrap another library's (often multi-line) text."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 class CompressorError(Exception):
     """Root of every expected failure; the CLI prints ``str(err)`` and exits with ``exit_code``."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.errors import ModelLoadError
+from compressor.errors import ModelLoadError, describe_error
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -50,18 +50,14 @@ def build_architecture(spec: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise ModelLoadError(f"--arch {spec!r}: {_one_line(err)}") from err
+        raise ModelLoadError(f"--arch {spec!r}: {describe_error(err)}") from err
     try:
         model = factory()
     except Exception as err:
-        raise ModelLoadError(f"--arch {spec!r}: calling it with no arguments failed: {_one_line(err)}") from err
+        raise ModelLoadError(f"--arch {spec!r}: calling it with no arguments failed: {describe_error(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, arch: str) -> nn.Module:
@@ -111,7 +107,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # torch's wording when weights-only refuses a class
-            raise ModelLoadError(f"cannot read {path} as a PyTorch file: {_one_line(err)}") from err
+            raise ModelLoadError(f"cannot read {path} as a PyTorch file: {describe_error(err)}") from err
         if not trust_model:
             raise ModelLoadError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), and loading it would run code "
@@ -122,9 +118,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:
-            raise ModelLoadError(f"cannot load {path}: {_one_line(inner)}") from inner
+            raise ModelLoadError(f"cannot load {path}: {describe_error(inner)}") from inner
     except Exception as err:
-        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {_one_line(err)}") from err
+        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {describe_error(err)}") from err
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
         obj = obj["model"]  # a training checkpoint that pickled the whole module
     if isinstance(obj, nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compressor import export as onnx_export
-from compressor.errors import CompressorError, ParityError
+from compressor.errors import CompressorError, ParityError, describe_error
 from compressor.evaluate import evaluate
 from compressor.methods import METHODS, factorize
 from compressor.passes import LayerPlan, Traced, plan_layers, rewrite_, trace
@@ -56,7 +56,7 @@ def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerP
     except Exception as err:
         raise CompressorError(
             f"the model's forward failed on an input of shape {tuple(example_input.shape)}: "
-            f"{type(err).__name__}: {' '.join(str(err).split())} (set the input shape with --input-shape N,C,H,W)"
+            f"{describe_error(err)} (set the input shape with --input-shape N,C,H,W)"
         ) from err
 
 
@@ -123,8 +123,7 @@ class Result:
             torch.save(self.model, out / "compressed.pt")
         except Exception as err:  # pickling runs arbitrary __reduce__ code of user modules
             raise CompressorError(
-                f"cannot pickle the compressed model to {out / 'compressed.pt'}: {type(err).__name__}: "
-                f"{' '.join(str(err).split())}"
+                f"cannot pickle the compressed model to {out / 'compressed.pt'}: {describe_error(err)}"
             ) from err
         try:
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")

@@ -39,7 +39,9 @@ def _gram_svd(matrix: np.ndarray, n_eigenvecs: int | None = None, **_: object):
     return matrix @ basis / safe, singular, basis.T
 
 
-def _hooi(tensor: np.ndarray, last: np.ndarray, first_t: np.ndarray, n_iter_max: int, tol: float = 1e-5):
+def _hooi(
+    tensor: np.ndarray, core: np.ndarray, last: np.ndarray, first_t: np.ndarray, n_iter_max: int, tol: float = 1e-5
+):
     """Higher-order orthogonal iteration on modes 0 and 1, from the HOSVD factors.
 
     tensorly's ``partial_tucker`` runs its iterations with a full SVD whatever ``svd`` it is given;
@@ -55,7 +57,7 @@ def _hooi(tensor: np.ndarray, last: np.ndarray, first_t: np.ndarray, n_iter_max:
         if previous - error < tol:
             break
         previous = error
-    return multi_mode_dot(tensor, [last, first_t], modes=[0, 1], transpose=True), last, first_t
+    return core, last, first_t
 
 
 def tucker2(
@@ -77,7 +79,7 @@ def tucker2(
             tensor, rank=[kept_out, kept_in], modes=[0, 1], n_iter_max=0, init="svd", svd=_gram_svd
         )
         if (kept_out, kept_in) != (out_channels, in_channels):
-            core, last, first_t = _hooi(tensor, last, first_t, n_iter_max)
+            core, last, first_t = _hooi(tensor, core, last, first_t, n_iter_max)
     padded_core = np.zeros((out_rank, in_rank, kh, kw))
     padded_core[:kept_out, :kept_in] = core
     padded_last = np.zeros((out_channels, out_rank))

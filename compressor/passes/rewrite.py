@@ -24,10 +24,11 @@ def rewrite_(model: nn.Module, replacements: dict[str, nn.Sequential]) -> nn.Mod
     ``call_module`` nodes (``name.0``, ``name.1``, ...), visited in graph order, and the graph is
     linted and recompiled; otherwise the swap alone is the rewrite (module-swap fallback).
     """
-    aliases = {
-        target: [name for name, module in model.named_modules(remove_duplicate=False) if module is model.get_submodule(target)]
-        for target in replacements
-    }
+    replaced = {id(model.get_submodule(target)): target for target in replacements}
+    aliases: dict[str, list[str]] = {target: [] for target in replacements}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in replaced:
+            aliases[replaced[id(module)]].append(name)
     for target in sorted(replacements):
         for name in aliases[target]:  # a module registered under several names is replaced under all of them
             _set_submodule(model, name, replacements[target])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
+from compressor.errors import describe_error
+
 
 class TraceFallbackWarning(UserWarning):
     """FX tracing failed; the rewrite swaps modules by qualified name instead."""
@@ -31,7 +33,7 @@ def trace(model: nn.Module) -> Traced:
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as err:  # FX raises many types (TraceError, TypeError, RuntimeError, ...)
-        message = " ".join(f"{type(err).__name__}: {err}".split())
+        message = describe_error(err)
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({message}); swapping modules by name instead",
             TraceFallbackWarning,
