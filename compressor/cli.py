@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from compressor.data import load_data
 from compressor.errors import CompressorError, ParityError
 from compressor.load import load_model
 from compressor.pipeline import OUTPUT_FILES, compress, example_input_for, plan
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="load, trace and match, print the plan, write nothing")
     parser.add_argument("--trust-model", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
     parser.add_argument("--arch", metavar="MODULE:CALLABLE", help="architecture factory for a state_dict MODEL")
+    parser.add_argument("--data", metavar="PATH", help="calibration data for data-aware initialization: .npz (x, optional y), an image folder, or pkg.module:function")
+    parser.add_argument("--eval-data", metavar="PATH", help="held-out data (same formats) for accuracy/agreement in PyTorch and ONNX Runtime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -65,6 +68,12 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _dataset(path: str | None, shape: tuple[int, ...], recipe):
+    if path is None:
+        return None
+    return load_data(path, input_shape=tuple(shape), mean=recipe.data.mean, std=recipe.data.std)
+
+
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
 
@@ -78,11 +87,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = None if args.dry_run else _output_dir(args)
     model = load_model(args.model, arch=args.arch, trust_model=args.trust_model)
     example_input = example_input_for(model, shape)
+    data = _dataset(args.data, shape, recipe)
+    if data is not None:  # image folders are sorted by class: a prefix of them would miss classes
+        data = data.shuffled()
+    eval_data = _dataset(args.eval_data, shape, recipe)
+    if data is None:
+        console.print("no --data: initialization is weights-only (pass calibration data for data-aware init)")
     if args.dry_run:
-        render_plan(plan(model, recipe, example_input).report(), console)
+        render_plan(plan(model, recipe, example_input, data=data).report(), console)
         console.print("dry run: nothing written")
         return 0
-    result = compress(model, recipe, example_input)
+    result = compress(model, recipe, example_input, data=data, eval_data=eval_data)
     fresh = not out.exists()
     try:
         result.save(out)

@@ -31,6 +31,10 @@ class RankError(CompressorError):
     """A requested rank does not fit the layer (above full rank, not divisible by groups, ...)."""
 
 
+class DataError(CompressorError):
+    """Calibration or evaluation data (``--data``/``--eval-data``) is missing, unreadable or does not fit the model."""
+
+
 class ExportError(CompressorError):
     """ONNX export or ONNX Runtime execution failed."""
 

@@ -95,6 +95,19 @@ def run_onnx(path: str | Path, batch: torch.Tensor) -> list[np.ndarray]:
         raise ExportError(f"ONNX Runtime could not run {path}: {' '.join(str(err).split())}") from err
 
 
+def onnx_predictor(path: str | Path):
+    """A callable running the ONNX model at ``path`` in one ONNX Runtime session: inputs -> first output."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: batch.detach().cpu().numpy()})[0])
+
+    return predict
+
+
 def parity(model: nn.Module, path: str | Path, batch: torch.Tensor) -> Parity:
     """Compare ONNX Runtime on ``path`` with ``model`` in PyTorch on the same batch."""
     with torch.no_grad():

@@ -123,6 +123,40 @@ def build_grouped(
     )
 
 
+def build_cp(
+    conv: nn.Conv2d, first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
+) -> nn.Sequential:
+    """1x1 (in -> R), (kh x 1) depthwise, (1 x kw) depthwise, 1x1 (R -> out, bias): a CP kernel.
+
+    The vertical depthwise carries the stride, padding and dilation along H, the horizontal one those
+    along W. Zero padding stays exact: the bias-free 1x1 before them maps the zero-padded input to
+    the zero-padded intermediate, and since the vertical depthwise has no bias and acts column by
+    column, zero-padding its output along W equals running it on the W-padded input.
+    """
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    rank = first.shape[0]
+    return nn.Sequential(
+        _make_conv(conv, first[:, :, None, None]),
+        _make_conv(
+            conv,
+            vertical[:, None, :, None],
+            stride=(sh, 1),
+            padding=_axis_padding(conv.padding, 0),
+            dilation=(dh, 1),
+            groups=rank,
+        ),
+        _make_conv(
+            conv,
+            horizontal[:, None, None, :],
+            stride=(1, sw),
+            padding=_axis_padding(conv.padding, 1),
+            dilation=(1, dw),
+            groups=rank,
+        ),
+        _make_conv(conv, last[:, :, None, None], bias=_original_bias(conv)),
+    )
+
+
 def _probe_sizes(conv: nn.Conv2d) -> Sequence[_Pair]:
     extent = [d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)]
     base = [e + 2 * s + 3 for e, s in zip(extent, conv.stride)]
@@ -152,3 +186,44 @@ def check_stack(conv: nn.Conv2d, stack: nn.Sequential) -> None:
                 problems.append(f"output {tuple(got)} for input {height}x{width}, expected {tuple(expected)}")
     if problems:
         raise AssertionError(f"factor stack does not match {conv}: " + "; ".join(problems))
+
+
+def build_patch_extractor(
+    conv: nn.Conv2d,
+    kernel_size: _Pair,
+    *,
+    stride: _Pair = (1, 1),
+    padding: _Pair | str = (0, 0),
+    dilation: _Pair = (1, 1),
+) -> nn.Conv2d:
+    """A depthwise conv with one-hot kernels whose outputs are the input patches (im2col).
+
+    Output channel ``c*kh*kw + i*kw + j`` is input channel ``c`` shifted by tap ``(i, j)``, in the
+    order of ``weight.reshape(out, -1)`` columns. Built with the geometry of the factor that reads
+    the patches, so 'same' padding, strides and dilations agree with it exactly.
+    """
+    kh, kw = kernel_size
+    channels = conv.in_channels
+    one_hot = torch.eye(kh * kw, dtype=conv.weight.dtype, device=conv.weight.device).reshape(kh * kw, 1, kh, kw)
+    weight = one_hot.repeat(channels, 1, 1, 1)
+    extractor = _make_conv(conv, weight, stride=stride, padding=padding, dilation=dilation, groups=channels)
+    return extractor.requires_grad_(False)
+
+
+def patch_extractor_for(conv: nn.Conv2d, statistic: str) -> nn.Conv2d | None:
+    """The patches a method's first factor reads: ``None`` for plain channels (a 1x1 factor)."""
+    if statistic == "channels":
+        return None
+    if statistic == "channel_patches":
+        return build_patch_extractor(
+            conv, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+        )
+    if statistic == "column_patches":
+        return build_patch_extractor(
+            conv,
+            (conv.kernel_size[0], 1),
+            stride=(conv.stride[0], 1),
+            padding=_axis_padding(conv.padding, 0),
+            dilation=(conv.dilation[0], 1),
+        )
+    raise ValueError(f"Expected a statistic in channels, channel_patches, column_patches, got {statistic!r}")

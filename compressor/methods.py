@@ -15,11 +15,18 @@ from torch import nn
 
 from compressor import decompose, layers
 from compressor.decompose.block_term import block_term_full_rank
-from compressor.decompose.depthwise import depthwise_separable_full_rank
-from compressor.decompose.spatial import spatial_separable_full_rank
+from compressor.decompose.cp import cp_full_rank
+from compressor.decompose.depthwise import depthwise_separable_full_rank, depthwise_separable_spectrum
+from compressor.decompose.spatial import spatial_separable_full_rank, spatial_separable_spectrum
+from compressor.decompose.whiten import Whitening, whiten_input_mode
 from compressor.profile import CallShape
 
 Factors = tuple[torch.Tensor, ...]
+
+#: The input statistics a method's data-aware initialization whitens with (see calibrate.py):
+#: per-input-channel (kh*kw) patch covariances, the (in*kh) covariance of vertical patches, or the
+#: (in x in) covariance of input channels.
+STATISTICS = ("channel_patches", "column_patches", "channels")
 
 
 def _area(hw: tuple[int, int]) -> int:
@@ -40,6 +47,7 @@ class Method(ABC):
     """One way of rewriting a dense conv; exact at :meth:`full_rank`."""
 
     name: str
+    statistic: str = "channels"
 
     def skip_reason(self, conv: nn.Conv2d) -> str | None:
         return layers.unsupported_reason(conv)
@@ -58,7 +66,39 @@ class Method(ABC):
     def params(self, conv: nn.Conv2d, rank: int, groups: int) -> int: ...
 
     @abstractmethod
-    def decompose(self, weight: torch.Tensor, rank: int, groups: int) -> Factors: ...
+    def decompose(self, weight: torch.Tensor, rank: int, groups: int, whitening: Whitening | None = None) -> Factors:
+        """Factors of ``weight``; with ``whitening`` (of kind :attr:`statistic`) they target the output error."""
+
+    def whitened_weight(self, weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+        """``weight`` in float64 with this method's whitening applied, so that norms of differences
+        are (approximately) output errors on the calibration data."""
+        weight = weight.detach().to(torch.float64)
+        if whitening is None:
+            return weight
+        return whiten_input_mode(weight, whitening.root)
+
+    def spectrum(self, weight: torch.Tensor, groups: int, whitening: Whitening | None) -> torch.Tensor | None:
+        """Singular values whose tail, squared, is the (whitened) error at each rank; ``None`` when
+        the method has no closed form and errors must be measured by decomposing."""
+        return None
+
+    def predicted_errors(
+        self, conv: nn.Conv2d, ranks: Sequence[int], groups: int, whitening: Whitening | None
+    ) -> list[float]:
+        """Relative (whitened) error ``||(W - W_r) S^(1/2)|| / ||W S^(1/2)||`` for each rank."""
+        weight = conv.weight.detach()
+        spectrum = self.spectrum(weight, groups, whitening)
+        if spectrum is not None:
+            energy = spectrum.to(torch.float64) ** 2
+            total = float(energy.sum().clamp_min(1e-300))
+            return [float(energy[..., rank:].sum()) ** 0.5 / total**0.5 for rank in ranks]
+        reference = self.whitened_weight(weight, whitening)
+        scale = float(torch.linalg.norm(reference).clamp_min(1e-300))
+        errors = []
+        for rank in ranks:
+            approx = self.reconstruct(conv, self.decompose(weight, rank, groups, whitening), groups)
+            errors.append(float(torch.linalg.norm(self.whitened_weight(approx, whitening) - reference)) / scale)
+        return errors
 
     @abstractmethod
     def reconstruct(self, conv: nn.Conv2d, factors: Factors, groups: int) -> torch.Tensor: ...
@@ -72,6 +112,7 @@ class Method(ABC):
 
 class DepthwiseSeparable(Method):
     name = "depthwise_separable"
+    statistic = "channel_patches"
 
     def full_rank(self, conv: nn.Conv2d, groups: int) -> int:
         return depthwise_separable_full_rank(conv.out_channels, *conv.kernel_size)
@@ -85,8 +126,11 @@ class DepthwiseSeparable(Method):
         kh, kw = conv.kernel_size
         return conv.in_channels * rank * (kh * kw + conv.out_channels) + self._bias_params(conv)
 
-    def decompose(self, weight, rank, groups):
-        return decompose.depthwise_separable(weight, rank)
+    def decompose(self, weight, rank, groups, whitening=None):
+        return decompose.depthwise_separable(weight, rank, whitening=whitening)
+
+    def spectrum(self, weight, groups, whitening):
+        return depthwise_separable_spectrum(weight, whitening)
 
     def reconstruct(self, conv, factors, groups):
         return decompose.depthwise_separable_reconstruct(*factors, conv.in_channels)
@@ -97,6 +141,7 @@ class DepthwiseSeparable(Method):
 
 class SpatialSeparable(Method):
     name = "spatial_separable"
+    statistic = "column_patches"
 
     def skip_reason(self, conv):
         if conv.kernel_size == (1, 1):
@@ -119,8 +164,11 @@ class SpatialSeparable(Method):
         kh, kw = conv.kernel_size
         return rank * (conv.in_channels * kh + conv.out_channels * kw) + self._bias_params(conv)
 
-    def decompose(self, weight, rank, groups):
-        return decompose.spatial_separable(weight, rank)
+    def decompose(self, weight, rank, groups, whitening=None):
+        return decompose.spatial_separable(weight, rank, whitening=whitening)
+
+    def spectrum(self, weight, groups, whitening):
+        return spatial_separable_spectrum(weight, whitening)
 
     def reconstruct(self, conv, factors, groups):
         return decompose.spatial_separable_reconstruct(*factors)
@@ -150,8 +198,8 @@ class Grouped(Method):
         kh, kw = conv.kernel_size
         return rank * (conv.in_channels + rank // groups * kh * kw + conv.out_channels) + self._bias_params(conv)
 
-    def decompose(self, weight, rank, groups):
-        return decompose.block_term(weight, rank, groups)
+    def decompose(self, weight, rank, groups, whitening=None):
+        return decompose.block_term(weight, rank, groups, input_whitening=whitening)
 
     def reconstruct(self, conv, factors, groups):
         return decompose.block_term_reconstruct(*factors, groups)
@@ -160,14 +208,62 @@ class Grouped(Method):
         return layers.build_grouped(conv, *factors, groups)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (DepthwiseSeparable(), SpatialSeparable(), Grouped())}
+class CP(Method):
+    """Lebedev et al. 2015: 1x1 (in -> R), (kh x 1) and (1 x kw) depthwise, 1x1 (R -> out).
+
+    ``decompose`` raises :class:`~compressor.decompose.cp.CPDegenerateError` (a ``ValueError``)
+    when the fit is degenerate; the caller falls back to another method.
+    """
+
+    name = "cp"
+    statistic = "channels"  # the (in x in) input-channel covariance whitens the first factor's mode
+
+    def skip_reason(self, conv):
+        if conv.kernel_size == (1, 1):
+            return "1x1 kernel; CP would only split a 1x1 conv into two 1x1 convs"
+        return super().skip_reason(conv)
+
+    def full_rank(self, conv, groups):
+        return cp_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size)
+
+    def macs(self, conv, calls, rank, groups):
+        kh, kw = conv.kernel_size
+        total = 0
+        for call in calls:
+            # The vertical depthwise keeps the input width: stride, padding, dilation along W are the horizontal one's.
+            intermediate = call.output_hw[0] * call.input_hw[1]
+            total += _area(call.input_hw) * conv.in_channels * rank
+            total += intermediate * rank * kh
+            total += _area(call.output_hw) * rank * (kw + conv.out_channels)
+        return total
+
+    def params(self, conv, rank, groups):
+        kh, kw = conv.kernel_size
+        return rank * (conv.in_channels + kh + kw + conv.out_channels) + self._bias_params(conv)
+
+    def decompose(self, weight, rank, groups, whitening=None, *, input_whitening=None):
+        """``whitening`` (positional, as for the other methods) and ``input_whitening`` are the same thing."""
+        if whitening is not None and input_whitening is not None:
+            raise ValueError("Expected at most one of whitening and input_whitening")
+        return decompose.cp(weight, rank, input_whitening=input_whitening if whitening is None else whitening)
+
+    def reconstruct(self, conv, factors, groups):
+        return decompose.cp_reconstruct(*factors)
+
+    def build(self, conv, factors, groups):
+        return layers.build_cp(conv, *factors)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (DepthwiseSeparable(), SpatialSeparable(), Grouped(), CP())}
 """Every rewriting method by recipe name; ``keep`` is the absence of one."""
 
 
-def factorize(method: Method, conv: nn.Conv2d, rank: int, groups: int) -> tuple[nn.Sequential, float]:
-    """Decompose ``conv`` and build its stack; return it with the relative weight error."""
+def factorize(
+    method: Method, conv: nn.Conv2d, rank: int, groups: int, whitening: Whitening | None = None
+) -> tuple[nn.Sequential, float]:
+    """Decompose ``conv`` and build its stack; return it with the relative (unwhitened) weight error."""
     weight = conv.weight.detach()
-    factors = method.decompose(weight, rank, groups)
+    factors = method.decompose(weight, rank, groups, whitening)
     approx = method.reconstruct(conv, factors, groups).to(torch.float64)
     reference = weight.to(torch.float64)
     error = (torch.linalg.norm(approx - reference) / torch.linalg.norm(reference).clamp_min(1e-30)).item()

@@ -1,4 +1,5 @@
-"""The steps in order: recipe -> trace -> profile -> plan -> factorize -> rewrite -> verify."""
+"""The steps in order: recipe -> trace -> profile -> match -> (calibrate) -> ranks -> factorize
+(-> refit) -> rewrite -> verify."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import torch
 from torch import nn
 
 from compressor import export as onnx_export
+from compressor.allocate import assign_ranks, whitening_for
+from compressor.calibrate import LayerStatistics, collect_statistics, refit_last_factor_
+from compressor.decompose import CPDegenerateError
 from compressor.errors import CompressorError, ParityError, describe_error
 from compressor.evaluate import evaluate
 from compressor.methods import METHODS, factorize
-from compressor.passes import LayerPlan, Traced, plan_layers, rewrite_, trace
+from compressor.passes import LayerPlan, Traced, plan_layers, rewrite_, swap_, trace
 from compressor.profile import LayerProfile, profile_model, totals
+from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
 from compressor.report import layer_record, totals_record
 
@@ -32,13 +37,27 @@ class Plan:
     layers: list[LayerPlan]
     profiles: dict[str, LayerProfile]
     recipe: Recipe
+    #: Calibration batches (inputs only), when data was given.
+    calibration: list[torch.Tensor] | None = field(default=None, repr=False)
+    statistics: dict[str, LayerStatistics] = field(default_factory=dict, repr=False)
+    #: The budget solver's record, under a recipe target.
+    target: dict | None = None
+
+    @property
+    def init(self) -> str:
+        return "data" if self.calibration else "weights"
 
     def report(self) -> dict:
-        return {
+        report = {
             "graph": self.traced.graph,
             "trace_error": self.traced.trace_error,
+            "init": self.init,
+            "calibration_samples": sum(batch.shape[0] for batch in self.calibration or ()),
             "layers": [layer_record(layer) for layer in self.layers],
         }
+        if self.target is not None:
+            report["target"] = self.target
+        return report
 
 
 def example_input_for(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
@@ -60,13 +79,84 @@ def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerP
         ) from err
 
 
-def plan(model: nn.Module, recipe: Recipe | dict | str | Path, example_input: torch.Tensor) -> Plan:
-    """Trace a copy of ``model``, profile it and assign rules and ranks. ``model`` is not modified."""
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch[0], None if batch[1] is None else torch.as_tensor(batch[1])
+    raise CompressorError(
+        f"data batches must be input tensors or (inputs, labels) pairs; got {type(batch).__name__}"
+    )
+
+
+def _iter_batches(data, batch_size: int, limit: int | None):
+    if hasattr(data, "batches"):  # compressor.data.Dataset
+        yield from data.batches(batch_size, limit)
+        return
+    taken = 0
+    for batch in data:
+        inputs, labels = _split_batch(batch)
+        if limit is not None:
+            inputs = inputs[: limit - taken]
+            labels = None if labels is None else labels[: inputs.shape[0]]
+        if inputs.shape[0]:
+            yield inputs, labels
+        taken += inputs.shape[0]
+        if limit is not None and taken >= limit:
+            return
+
+
+def materialize(data, example_input: torch.Tensor, batch_size: int, limit: int | None, what: str) -> list[tuple]:
+    """Up to ``limit`` samples of ``data`` as a list of ``(inputs, labels)`` batches, shape-checked.
+
+    A list, because calibration makes several passes and a user's generator can only be read once.
+    """
+    expected = tuple(example_input.shape[1:])
+    batches = []
+    for inputs, labels in _iter_batches(data, batch_size, limit):
+        if inputs.dim() != example_input.dim() or tuple(inputs.shape[1:2]) != expected[:1]:
+            raise CompressorError(
+                f"{what}: batches of shape {tuple(inputs.shape)} do not fit the model input {tuple(example_input.shape)} "
+                f"(expected N,{','.join(map(str, expected))})"
+            )
+        if not torch.isfinite(inputs).all():
+            raise CompressorError(f"{what}: a batch contains NaN or infinite values")
+        batches.append((inputs.to(device=example_input.device, dtype=example_input.dtype), labels))
+    if not batches:
+        raise CompressorError(f"{what}: no samples")
+    return batches
+
+
+def plan(
+    model: nn.Module,
+    recipe: Recipe | dict | str | Path,
+    example_input: torch.Tensor,
+    *,
+    data: Iterable | None = None,
+) -> Plan:
+    """Trace a copy of ``model``, profile it and assign rules, methods and ranks. ``model`` is not modified.
+
+    With ``data`` (calibration batches), the input statistics of every candidate layer are
+    collected first, and spectral ranks (energy, vbmf) and the budget's errors are data-aware.
+    """
     recipe = load_recipe(recipe)
     working = copy.deepcopy(model).eval()
     traced = trace(working)
     profiles = _profile(traced.module, example_input)
-    return Plan(traced, plan_layers(traced.module, recipe, profiles), profiles, recipe)
+    layers = plan_layers(traced.module, recipe, profiles)
+    calibration, statistics = None, {}
+    if data is not None:
+        settings = recipe.calibration
+        calibration = [inputs for inputs, _ in materialize(data, example_input, settings.batch_size, settings.samples, "calibration data")]
+        requests = {}
+        for layer in layers:
+            methods = layer.choices or ((layer.method,) if layer.rewrites else ())
+            kinds = [METHODS[m].statistic for m in methods if m in METHODS]
+            if kinds:
+                requests[layer.name] = kinds
+        statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+    target = assign_ranks(layers, traced.module, profiles, recipe, statistics)
+    return Plan(traced, layers, profiles, recipe, calibration, statistics, target)
 
 
 @dataclass
@@ -78,6 +168,7 @@ class Result:
     original: nn.Module = field(repr=False)
     example_input: torch.Tensor = field(repr=False)
     recipe: Recipe = field(repr=False)
+    eval_batches: list[tuple] | None = field(default=None, repr=False)
 
     def export_onnx(self, path: str | Path, *, original_path: str | Path | None = None) -> onnx_export.Parity:
         """Export the compressed model (and optionally the original) and verify it in ONNX Runtime.
@@ -104,6 +195,10 @@ class Result:
         )
         record.setdefault("original", None)
         self.report["onnx"] = record
+        if self.eval_batches is not None and original_path is not None and record["passed"]:
+            self.report["metrics"]["onnx"] = evaluate(
+                onnx_export.onnx_predictor(original_path), onnx_export.onnx_predictor(path), self.eval_batches
+            )
         if not record["passed"]:
             raise ParityError(
                 f"ONNX Runtime disagrees with PyTorch: relative error {worst:.3e} > tolerance {settings.tolerance:.1e} "
@@ -153,6 +248,64 @@ def _output_rel_error(original: nn.Module, compressed: nn.Module, batch: torch.T
     return onnx_export.relative_error(got, expected).rel
 
 
+def _cheaper_tucker(conv: nn.Conv2d, layer: LayerPlan, profile: LayerProfile) -> int | None:
+    """The largest Tucker-2 (grouped, G=1) rank costing no more MACs than ``layer``'s CP choice."""
+    tucker = METHODS["grouped"]
+    if tucker.skip_reason(conv) is not None:
+        return None
+    fitting = [r for r in allowed_ranks(tucker, conv, 1, layer.round_to) if tucker.macs(conv, profile.calls, r, 1) <= layer.macs_after]
+    return fitting[-1] if fitting else None
+
+
+def _factorize_layer(plan_: Plan, layer: LayerPlan, conv: nn.Conv2d) -> nn.Sequential | None:
+    """Factorize one planned layer (falling back from a degenerate CP fit); ``None`` means keep."""
+    method = METHODS[layer.method]
+    statistics = plan_.statistics.get(layer.name)
+    try:
+        stack, layer.weight_rel_error = factorize(
+            method, conv, layer.rank, layer.groups, whitening_for(method, statistics)
+        )
+        return stack
+    except CPDegenerateError as err:
+        profile = plan_.profiles[layer.name]
+        rank = _cheaper_tucker(conv, layer, profile)
+        reason = f"cp rank {layer.rank} degenerated ({err})"
+        if rank is None:
+            layer.method, layer.rank = "keep", None
+            layer.macs_after, layer.params_after = layer.macs_before, layer.params_before
+            layer.skipped_reason = f"{reason}; no Tucker-2 rank fits its MACs, so the layer is kept"
+            return None
+        tucker = METHODS["grouped"]
+        layer.method, layer.rank, layer.groups = "grouped", rank, 1
+        layer.macs_after = tucker.macs(conv, profile.calls, rank, 1)
+        layer.params_after = tucker.params(conv, rank, 1)
+        layer.note = f"{reason}; fell back to Tucker-2 (grouped, groups 1) at rank {rank}"
+        stack, layer.weight_rel_error = factorize(tucker, conv, rank, 1, whitening_for(tucker, statistics))
+        return stack
+
+
+def _factorize_all(plan_: Plan) -> dict[str, nn.Sequential]:
+    """Factorize every rewriting layer in execution order; with calibration data, refit each stack's
+    last factor against the original layer, fed by the network compressed so far."""
+    module = plan_.traced.module
+    rewriting = [layer for layer in plan_.layers if layer.rewrites]
+    rewriting.sort(key=lambda layer: plan_.profiles[layer.name].first_call)
+    working = copy.deepcopy(module) if plan_.calibration else None
+    replacements: dict[str, nn.Sequential] = {}
+    for layer in rewriting:
+        stack = _factorize_layer(plan_, layer, module.get_submodule(layer.name))
+        if stack is None:
+            continue
+        layer.init = plan_.init
+        if working is not None:
+            calls = len(plan_.profiles[layer.name].calls)
+            refit = refit_last_factor_(module, working, layer.name, stack, calls, lambda: iter(plan_.calibration))
+            layer.output_rel_error = refit.error_after
+            swap_(working, {layer.name: stack})
+        replacements[layer.name] = stack
+    return replacements
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str | Path,
@@ -165,32 +318,34 @@ def compress(
 
     ``model`` is left untouched (a deep copy is rewritten). ``recipe`` is a YAML path, a dict or a
     :class:`~compressor.recipe.Recipe`. ``example_input`` fixes the input shape used for tracing,
-    MAC counts and export. ``eval_data`` (tensors or ``(inputs, labels)`` batches) adds an ``eval``
-    section comparing both models. ``data`` (calibration batches) is reserved for data-aware
-    initialization, which this version does not implement: passing it raises ``CompressorError``.
+    MAC counts and export. ``data`` (calibration: input tensors or ``(inputs, labels)`` batches, or a
+    :class:`compressor.data.Dataset`; the recipe's ``calibration.samples`` are used) makes the
+    initialization data-aware: whitened decompositions and least-squares refits. ``eval_data``
+    (same forms) adds a ``metrics`` section comparing both models, in PyTorch and, after
+    :meth:`Result.save`, in ONNX Runtime.
     """
-    if data is not None:
-        raise CompressorError("calibration data (data=...) is not supported yet: initialization is weights-only")
     started = time.perf_counter()
+    recipe = load_recipe(recipe)
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
-    layer_plan = plan(original, recipe, example_input)
-    replacements: dict[str, nn.Sequential] = {}
-    for layer in layer_plan.layers:
-        if layer.rewrites:
-            conv = layer_plan.traced.module.get_submodule(layer.name)
-            replacements[layer.name], layer.weight_rel_error = factorize(
-                METHODS[layer.method], conv, layer.rank, layer.groups
-            )
+    layer_plan = plan(original, recipe, example_input, data=data)
+    planned = time.perf_counter()
+    replacements = _factorize_all(layer_plan)
     compressed = rewrite_(layer_plan.traced.module, replacements).eval()
     report = layer_plan.report()
     report["input_shape"] = list(example_input.shape)
     report["versions"] = _versions()
     report["recipe"] = layer_plan.recipe.model_dump(mode="json")
     # The plan profiled the traced copy before the rewrite: the same convs and MACs as the original.
-    report["totals"] = totals_record(totals(layer_plan.profiles), totals(_profile(compressed, example_input)))
+    before, after = totals(layer_plan.profiles), totals(_profile(compressed, example_input))
+    report["totals"] = totals_record(before, after)
+    if layer_plan.target is not None:
+        metric = layer_plan.target["metric"]
+        report["target"]["achieved"] = after[metric] / max(before[metric], 1)
     report["output_rel_error"] = _output_rel_error(original, compressed, onnx_export.parity_batch(example_input))
+    eval_batches = None
     if eval_data is not None:
-        report["eval"] = evaluate(original, compressed, eval_data)
-    report["seconds"] = {"compress": time.perf_counter() - started}
-    return Result(compressed, report, original, example_input, layer_plan.recipe)
+        eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
+        report["metrics"] = evaluate(original, compressed, eval_batches)
+    report["seconds"] = {"plan": planned - started, "compress": time.perf_counter() - started}
+    return Result(compressed, report, original, example_input, layer_plan.recipe, eval_batches)

@@ -26,6 +26,8 @@ class LayerProfile:
     module: nn.Module
     calls: list[CallShape] = field(default_factory=list)
     macs: int = 0
+    #: Position of the module's first call in the forward pass (``None`` if never called).
+    first_call: int | None = None
 
 
 def _conv_macs(conv: nn.Conv2d, output: torch.Tensor) -> int:
@@ -50,6 +52,8 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             profile = profiles[name]
+            if profile.first_call is None:
+                profile.first_call = sum(p.first_call is not None for p in profiles.values())
             if isinstance(module, nn.Conv2d):
                 profile.calls.append(
                     CallShape(tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))  # type: ignore[arg-type]

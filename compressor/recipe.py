@@ -8,13 +8,24 @@ A recipe is a YAML mapping validated by the pydantic models below::
     rules:                            # required, ordered, first match wins
       - match: "layer*.conv*"         # glob (whole name, ``*`` crosses dots) or "re:<regex>" (full match),
                                       # or a non-empty list of those (any may match)
-        method: depthwise_separable   # depthwise_separable | spatial_separable | grouped | keep
-        rank: full                    # positive int | "full" | {macs: f} with 0 < f <= 1 (default "full")
+        method: depthwise_separable   # depthwise_separable | spatial_separable | grouped | cp | keep,
+                                      # or a list of them (the budget solver picks one per layer; needs target)
+        rank: full                    # positive int | "full" | {macs: f} | {params: f} (0 < f <= 1)
+                                      # | {energy: e} (0 < e <= 1) | vbmf; unset: "full", or chosen by target
+        round_to: 8                   # optional: ranks rounded to a multiple of this (ORT NCHWc blocks)
         groups: 1                     # positive int (default 1); > 1 only with method grouped
         kernel_size: 3                # optional filter: k (kh == kw == k) or [kh, kw]
         min_kernel_size: 3            # optional filter: kh >= n and kw >= n
         min_in_channels: 8            # optional filter
         min_out_channels: 8           # optional filter
+    target: {macs: 0.4}               # optional global budget: {macs: f} or {params: f}, 0 < f <= 1 of
+                                      # the whole model; rules without a fixed rank are solved together
+    data:                             # optional: how uint8 images and image folders are normalized
+      mean: [0.485, 0.456, 0.406]     # per channel, after /255 (default: ImageNet for 3 channels, else 0)
+      std: [0.229, 0.224, 0.225]      # per channel, > 0 (default: ImageNet for 3 channels, else 1)
+    calibration:                      # optional, used with --data
+      samples: 512                    # images used for statistics and refits (default 512)
+      batch_size: 64                  # (default 64)
     export:                           # optional
       opset: 17                       # int >= 17 (default 17)
       tolerance: 1.0e-4               # float > 0 (default 1e-4), relative Frobenius error ORT vs torch
@@ -55,7 +66,12 @@ __all__ = [
     "METHODS",
     "REGEX_PREFIX",
     "ExportConfig",
+    "Calibration",
+    "DataConfig",
+    "EnergyRank",
     "MacsRank",
+    "ParamsRank",
+    "Target",
     "Method",
     "Rank",
     "Recipe",
@@ -65,18 +81,21 @@ __all__ = [
 ]
 
 #: The rewrite methods a rule may name, in documentation order.
-METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "grouped", "keep")
+METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "grouped", "cp", "keep")
 
 #: A ``match`` pattern starting with this prefix is a regular expression (full match), not a glob.
 REGEX_PREFIX = "re:"
 
-Method = Literal["depthwise_separable", "spatial_separable", "grouped", "keep"]
+Method = Literal["depthwise_separable", "spatial_separable", "grouped", "cp", "keep"]
 assert get_args(Method) == METHODS  # keep the constant and the Literal in step
 
 # Strict: rejects bools, strings and floats instead of silently coercing them.
 PositiveStrictInt = Annotated[int, Field(strict=True, gt=0)]
 
-_RANK_EXPECTED = "expected a positive integer, 'full', or {macs: f} with 0 < f <= 1"
+_RANK_EXPECTED = (
+    "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
+)
+_Fraction = Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)]
 _MAX_REPR = 80
 
 
@@ -100,11 +119,27 @@ class MacsRank(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    macs: Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)]
+    macs: _Fraction
 
 
-#: A rule's rank: a positive int, the string ``"full"``, or a :class:`MacsRank`.
-Rank = Union[PositiveStrictInt, Literal["full"], MacsRank]
+class ParamsRank(BaseModel):
+    """Rank chosen per layer so that the rewritten layer keeps ``params`` of the original parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: _Fraction
+
+
+class EnergyRank(BaseModel):
+    """Smallest rank keeping fraction ``energy`` of the (whitened, with data) squared singular values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    energy: _Fraction
+
+
+#: A rule's rank: a positive int, ``"full"``, ``"vbmf"``, or a budget/energy mapping.
+Rank = Union[PositiveStrictInt, Literal["full", "vbmf"], MacsRank, ParamsRank, EnergyRank]
 
 
 class Rule(BaseModel):
@@ -119,8 +154,10 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", revalidate_instances="always")
 
     match: Union[str, list[str]]
-    method: Method
-    rank: Rank = "full"
+    method: Union[Method, list[Method]]
+    #: ``None`` means "full" for a fixed rule and "chosen by the budget" under a recipe ``target``.
+    rank: Optional[Rank] = None
+    round_to: Optional[PositiveStrictInt] = None
     groups: PositiveStrictInt = 1
     kernel_size: Optional[tuple[int, int]] = None
     min_kernel_size: Optional[PositiveStrictInt] = None
@@ -173,15 +210,42 @@ class Rule(BaseModel):
             return tuple(value)
         raise ValueError(f"expected a positive int k or a pair [kh, kw] of positive ints; got {_short_repr(value)}")
 
+    @field_validator("method", mode="after")
+    @classmethod
+    def _check_method_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"expected a method or a non-empty list of methods from {', '.join(METHODS)}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"method list {value} names a method twice")
+            if len(value) == 1:
+                return value[0]
+        return value
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Rule:
-        if self.groups > 1 and self.method != "grouped":
+        if self.groups > 1 and "grouped" not in self.methods:
             raise ValueError(
                 f"groups {self.groups} is only valid with method 'grouped'; got method {self.method!r}"
             )
-        if self.method == "grouped" and isinstance(self.rank, int) and self.rank % self.groups != 0:
+        if "grouped" in self.methods and isinstance(self.rank, int) and self.rank % self.groups != 0:
             raise ValueError(f"rank {self.rank} is not divisible by groups {self.groups}")
+        if isinstance(self.method, list) and self.rank is not None:
+            raise ValueError(
+                f"a list of methods ({', '.join(self.method)}) leaves method and rank to the budget solver; "
+                "remove rank, or name a single method"
+            )
         return self
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The allowed methods as a tuple (one element for a single method)."""
+        return (self.method,) if isinstance(self.method, str) else tuple(self.method)
+
+    @property
+    def solved(self) -> bool:
+        """True when the budget solver chooses this rule's method and rank (no fixed rank given)."""
+        return self.rank is None and self.methods != ("keep",)
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -249,6 +313,54 @@ class ExportConfig(BaseModel):
     tolerance: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1e-4
 
 
+class Target(BaseModel):
+    """A global budget: the compressed model keeps at most this fraction of the original's MACs or params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    macs: Optional[_Fraction] = None
+    params: Optional[_Fraction] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        given = [key for key in ("macs", "params") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of macs, params (0 < f <= 1); got {given or 'none'}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def fraction(self) -> float:
+        return self.macs if self.macs is not None else self.params  # type: ignore[return-value]
+
+
+class DataConfig(BaseModel):
+    """Normalization of uint8 arrays and image files: ``(x / 255 - mean) / std`` per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = None
+    std: Optional[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]] = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> DataConfig:
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}; give one per channel")
+        return self
+
+
+class Calibration(BaseModel):
+    """How much of ``--data`` feeds the statistics, the least-squares refits and the budget's error estimates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: PositiveStrictInt = 512
+    batch_size: PositiveStrictInt = 64
+
+
 class Recipe(BaseModel):
     """A validated recipe. Rules are ordered; the first rule that selects a layer wins."""
 
@@ -258,6 +370,9 @@ class Recipe(BaseModel):
     description: Optional[str] = None
     input_shape: Optional[tuple[int, int, int, int]] = None
     rules: list[Rule]
+    target: Optional[Target] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    calibration: Calibration = Field(default_factory=Calibration)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("name", "description", mode="before")
@@ -288,6 +403,11 @@ class Recipe(BaseModel):
     def _index_rules(self) -> Recipe:
         for i, rule in enumerate(self.rules):
             rule._index = i
+            if self.target is None and isinstance(rule.method, list):
+                raise ValueError(
+                    f"rules.{i}: a list of methods needs a recipe target (e.g. target: {{macs: 0.5}}) "
+                    "for the budget solver to choose between them"
+                )
         return self
 
     def rule_for(

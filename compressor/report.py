@@ -21,15 +21,23 @@ LAYER_KEYS = (
     "params_before",
     "params_after",
     "weight_rel_error",
+    "output_rel_error",
+    "predicted_error",
+    "init",
     "skipped_reason",
+    "note",
 )
-"""The stable per-layer keys of report.json; extra keys (groups, rule, calls) follow them."""
+"""The stable per-layer keys of report.json; extra keys (groups, rule, calls, choices) follow them.
+
+``output_rel_error`` is measured on the calibration data (``None`` without it);
+``predicted_error`` is the relative error the rank was chosen by (whitened with data).
+"""
 
 
 def layer_record(plan: LayerPlan) -> dict:
     record = {key: getattr(plan, key) for key in LAYER_KEYS}
     record["kernel"] = list(plan.kernel) if plan.kernel else None
-    record.update(groups=plan.groups, rule=plan.rule, calls=plan.calls)
+    record.update(groups=plan.groups, rule=plan.rule, calls=plan.calls, choices=list(plan.choices))
     return record
 
 
@@ -55,12 +63,14 @@ def _count(value: int | None) -> str:
 
 def _layer_table(layers: Sequence[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("layer", "method", "rank", "kernel", "MACs before", "MACs after", "params before", "params after", "weight err", "note"):
+    for column in ("layer", "method", "rank", "kernel", "MACs before", "MACs after", "params before", "params after", "weight err", "output err", "note"):
         table.add_column(column, overflow="fold")
     for layer in layers:
         kernel = "x".join(map(str, layer["kernel"])) if layer["kernel"] else "-"
         rank = "-" if layer["rank"] is None else str(layer["rank"]) + (f"/g{layer['groups']}" if layer["groups"] > 1 else "")
         error = "-" if layer["weight_rel_error"] is None else f"{layer['weight_rel_error']:.2e}"
+        output_error = "-" if layer.get("output_rel_error") is None else f"{layer['output_rel_error']:.2e}"
+        note = "; ".join(text for text in (layer["skipped_reason"], layer.get("note")) if text)
         table.add_row(
             layer["name"],
             layer["method"],
@@ -71,7 +81,8 @@ def _layer_table(layers: Sequence[dict], title: str) -> Table:
             _count(layer["params_before"]),
             _count(layer["params_after"]),
             error,
-            layer["skipped_reason"] or "",
+            output_error,
+            note,
         )
     return table
 
@@ -81,6 +92,21 @@ def render_plan(report: dict, console: Console) -> None:
     planned_before = sum(l["macs_before"] or 0 for l in report["layers"])
     planned_after = sum(l["macs_after"] or 0 for l in report["layers"])
     console.print(f"conv MACs: {_count(planned_before)} -> {_count(planned_after)} (per sample)")
+    _render_init_and_target(report, console)
+
+
+def _render_init_and_target(report: dict, console: Console) -> None:
+    if report.get("init") == "data":
+        console.print(f"init: data-aware (whitened decompositions, least-squares refits) on {report['calibration_samples']} calibration samples")
+    else:
+        console.print("init: weights only (no --data given: decompositions minimize the weight error, not the output error)")
+    target = report.get("target")
+    if target:
+        achieved = target.get("achieved", target["planned_ratio"])
+        console.print(
+            f"target {target['metric']} <= {target['fraction']:.3f} of the original: achieved {achieved:.4f} "
+            f"({target['solved_layers']} layers chosen by the budget solver, errors from {target['error_source']})"
+        )
 
 
 def render_summary(report: dict, console: Console) -> None:
@@ -100,9 +126,13 @@ def render_summary(report: dict, console: Console) -> None:
             f"rel {onnx['parity_rel']:.3e} (tolerance {onnx['tolerance']:.1e}); original rel "
             f"{onnx.get('original_parity_rel', float('nan')):.3e}"
         )
-    evaluation = report.get("eval")
-    if evaluation:
-        accuracy = ""
-        if evaluation["accuracy_original"] is not None:
-            accuracy = f", accuracy {evaluation['accuracy_original']:.4f} -> {evaluation['accuracy_compressed']:.4f}"
-        console.print(f"Eval on {evaluation['samples']} samples: top-1 agreement {evaluation['top1_agreement']:.4f}{accuracy}")
+    _render_init_and_target(report, console)
+    metrics = report.get("metrics")
+    if metrics:
+        for label, values in (("PyTorch", metrics), ("ONNX Runtime", metrics.get("onnx"))):
+            if not values:
+                continue
+            accuracy = ""
+            if values["accuracy_original"] is not None:
+                accuracy = f", accuracy {values['accuracy_original']:.4f} -> {values['accuracy_compressed']:.4f}"
+            console.print(f"Eval ({label}) on {values['samples']} samples: top-1 agreement {values['agreement']:.4f}{accuracy}")

@@ -75,10 +75,10 @@ def main() -> int:
             result.export_onnx(compressed_path, original_path=None if baseline_path.exists() else baseline_path)
             original_ms = onnx_latency_ms(baseline_path, (1, 3, 32, 32), repeats=args.repeats)
             compressed_ms = onnx_latency_ms(compressed_path, (1, 3, 32, 32), repeats=args.repeats)
-            totals, evaluation = result.report["totals"], result.report["eval"]
+            totals, evaluation = result.report["totals"], result.report["metrics"]
             print(
                 f"| {method} | {groups} | {budget:.2f} | {totals['macs_ratio']:.3f} | {totals['params_ratio']:.3f} | "
-                f"{evaluation['top1_agreement']:.4f} | {evaluation['accuracy_original']:.4f} -> "
+                f"{evaluation['agreement']:.4f} | {evaluation['accuracy_original']:.4f} -> "
                 f"{evaluation['accuracy_compressed']:.4f} | {compressed_ms / original_ms:.3f} "
                 f"({compressed_ms:.3f} / {original_ms:.3f} ms) |",
                 flush=True,

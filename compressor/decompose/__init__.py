@@ -5,13 +5,17 @@ on the input's device; one method per module, each citing its paper.
 """
 
 from compressor.decompose.block_term import block_term, block_term_reconstruct
+from compressor.decompose.cp import CPDegenerateError, cp, cp_reconstruct
 from compressor.decompose.depthwise import depthwise_separable, depthwise_separable_reconstruct
 from compressor.decompose.spatial import spatial_separable, spatial_separable_reconstruct
 from compressor.decompose.tucker import tucker2, tucker2_reconstruct
 
 __all__ = [
+    "CPDegenerateError",
     "block_term",
     "block_term_reconstruct",
+    "cp",
+    "cp_reconstruct",
     "depthwise_separable",
     "depthwise_separable_reconstruct",
     "spatial_separable",

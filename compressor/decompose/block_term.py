@@ -21,6 +21,7 @@ import torch
 
 from compressor.decompose._checks import check_kernel, check_positive_int
 from compressor.decompose.tucker import tucker2, tucker2_reconstruct
+from compressor.decompose.whiten import Whitening, whiten_input_mode
 
 
 def block_term_full_rank(out_channels: int, in_channels: int, kh: int, kw: int, groups: int) -> int:
@@ -32,13 +33,23 @@ def block_term_full_rank(out_channels: int, in_channels: int, kh: int, kw: int, 
 
 
 def block_term(
-    weight: torch.Tensor, rank: int, groups: int, *, sweeps: int = 2
+    weight: torch.Tensor, rank: int, groups: int, *, sweeps: int = 2, input_whitening: Whitening | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(first, core, last)``: shapes (R, in), (R, R/G, kh, kw), (out, R).
 
     ``core`` is the weight of a conv with ``groups=G``: output channels ``g*R/G .. (g+1)*R/G - 1``
     read the input channels of the same block, as PyTorch lays grouped weights out.
+    ``input_whitening`` (in x in, from the input channels' covariance) decomposes ``W S^(1/2)`` on
+    the input-channel mode and maps the first factor back with ``S^(-1/2)``.
     """
+    if input_whitening is not None:
+        check_kernel(weight)
+        if input_whitening.size != weight.shape[1]:
+            raise ValueError(f"Expected a whitening of size in={weight.shape[1]}, got {input_whitening.size}")
+        whitened = whiten_input_mode(weight.detach(), input_whitening.root)
+        first, core, last = block_term(whitened, rank, groups, sweeps=sweeps)
+        first = first @ input_whitening.inverse.to(first.device)
+        return first.to(weight.dtype), core.to(weight.dtype), last.to(weight.dtype)
     check_kernel(weight)
     check_positive_int(groups, "groups")
     check_positive_int(rank, "rank")

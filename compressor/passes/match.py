@@ -9,8 +9,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import RankError, RecipeError
-from compressor.methods import METHODS, Method, conv_macs, conv_params
+from compressor.errors import RecipeError
+from compressor.methods import METHODS, conv_macs, conv_params
 from compressor.profile import LayerProfile
 
 _FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
@@ -35,34 +35,20 @@ class LayerPlan:
     rule: int | None = None
     calls: int = 0
     weight_rel_error: float | None = None
+    #: Relative output error on calibration data, after the refit (``None`` without data).
+    output_rel_error: float | None = None
+    #: The (whitened) relative error the rank choice was based on.
+    predicted_error: float | None = None
+    init: str | None = None
+    note: str | None = None
+    round_to: int | None = None
+    #: Methods the budget solver may choose from ("keep" included when the rule allows it); empty
+    #: when the rule fixes method and rank.
+    choices: tuple[str, ...] = ()
 
     @property
     def rewrites(self) -> bool:
         return self.method in METHODS
-
-
-def resolve_rank(method: Method, conv: nn.Conv2d, profile: LayerProfile, spec, groups: int, name: str) -> int:
-    """Turn a recipe rank (int, ``"full"``, ``{macs: f}``) into a validated integer rank."""
-    full = method.full_rank(conv, groups)
-    step = method.rank_step(groups)
-    what = f"layer {name} ({method.name}, kernel {conv.kernel_size[0]}x{conv.kernel_size[1]}, {conv.in_channels}->{conv.out_channels})"
-    if spec == "full":
-        return full
-    if isinstance(spec, int):
-        if spec > full:
-            raise RankError(f"{what}: rank {spec} is above its full rank {full}")
-        if spec % step:
-            raise RankError(f"{what}: rank {spec} is not divisible by groups={groups}")
-        return spec
-    budget = spec.macs * conv_macs(conv, profile.calls)
-    for rank in range(full - full % step, 0, -step):
-        if method.macs(conv, profile.calls, rank, groups) <= budget:
-            return rank
-    smallest = method.macs(conv, profile.calls, step, groups)
-    raise RankError(
-        f"{what}: {{macs: {spec.macs}}} allows {int(budget)} MACs but the smallest rank ({step}) costs {smallest}; "
-        "raise the budget or add an earlier rule that keeps this layer"
-    )
 
 
 def _conv_entry(name: str, conv: nn.Conv2d, profile: LayerProfile, method: str = "keep", reason: str | None = None):
@@ -116,8 +102,9 @@ def _functional_entries(module: nn.Module) -> list[LayerPlan]:
 def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) -> list[LayerPlan]:
     """Assign every Conv2d of ``module`` its rule (first match wins) and resolve ranks.
 
-    Read-only. Order is ``named_modules`` order, then functional convs in graph order. Raises
-    ``RecipeError`` for a rule that applies to no layer, ``RankError`` for a rank that does not fit.
+    Read-only. Order is ``named_modules`` order, then functional convs in graph order. Ranks are
+    left unset (see :func:`compressor.allocate.assign_ranks`). Raises ``RecipeError`` for a rule
+    that applies to no layer.
     """
     convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     applied = [0] * len(recipe.rules)
@@ -138,8 +125,7 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
         index = indices[0]
         applied[index] += 1
         rule = recipe.rules[index]
-        plan = _plan_conv(name, conv, profile, rule, index)
-        plans.append(plan)
+        plans.append(_plan_conv(name, conv, profile, rule, index, solved=recipe.target is not None and rule.solved))
     for index, rule in enumerate(recipe.rules):
         if applied[index]:
             continue
@@ -151,22 +137,26 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     return plans + _functional_entries(module)
 
 
-def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: int) -> LayerPlan:
-    if rule.method == "keep":
+def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: int, *, solved: bool) -> LayerPlan:
+    rewriting = [method for method in rule.methods if method != "keep"]
+    if not rewriting:
         plan = _conv_entry(name, conv, profile)
         plan.rule = index
         return plan
-    method = METHODS[rule.method]
-    reason = method.skip_reason(conv)
-    if reason is None and not profile.calls:
-        reason = "never called on the example input, so a rewrite could not be verified"
-    if reason is not None:
-        plan = _conv_entry(name, conv, profile, reason=f"{rule.method} skipped: {reason}")
+    reasons = {}
+    for method in rewriting:
+        reason = METHODS[method].skip_reason(conv)
+        if reason is None and not profile.calls:
+            reason = "never called on the example input, so a rewrite could not be verified"
+        reasons[method] = reason
+    usable = [method for method in rewriting if reasons[method] is None]
+    if not usable:
+        reason = "; ".join(f"{method} skipped: {reasons[method]}" for method in rewriting)
+        plan = _conv_entry(name, conv, profile, reason=reason)
         plan.rule = index
         return plan
-    rank = resolve_rank(method, conv, profile, rule.rank, rule.groups, name)
-    plan = _conv_entry(name, conv, profile, method=rule.method)
-    plan.rule, plan.rank, plan.groups = index, rank, rule.groups
-    plan.macs_after = method.macs(conv, profile.calls, rank, rule.groups)
-    plan.params_after = method.params(conv, rank, rule.groups)
+    plan = _conv_entry(name, conv, profile, method=usable[0])
+    plan.rule, plan.groups, plan.round_to = index, rule.groups, rule.round_to
+    if solved:
+        plan.choices = tuple(usable) + (("keep",) if "keep" in rule.methods else ())
     return plan

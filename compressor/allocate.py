@@ -1,0 +1,161 @@
+"""Ranks for every planned layer: the rule's own rank, or the global budget's choice.
+
+Under a recipe ``target``, each layer whose rule leaves the rank open gets candidates (method x
+rank, plus keep when the rule lists it) with their cost (MACs or params) and predicted error: the
+relative output error on the calibration statistics when there are any (whitened spectra, or
+whitened residuals for methods without a closed form), the relative weight error otherwise. Errors
+are squared before summing: a layer's squared relative error is the fraction of its output energy
+replaced by noise, and independent noise adds in energy. The multiple-choice knapsack
+(:func:`compressor.budget.solve`) then picks one candidate per layer, never above the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from compressor.budget import Candidate, minimum_cost, solve
+from compressor.calibrate import LayerStatistics
+from compressor.decompose.whiten import Whitening
+from compressor.errors import RankError
+from compressor.methods import METHODS, Method, conv_macs, conv_params
+from compressor.passes.match import LayerPlan
+from compressor.profile import LayerProfile, totals
+from compressor.ranks import allowed_ranks, resolve_rank
+
+#: Candidate ranks per method and layer: spectra give every rank's error at once, the iterative
+#: decompositions (grouped, cp) cost one run per rank, so they get a coarser grid.
+SPECTRAL_CANDIDATES = 64
+ITERATIVE_CANDIDATES = 8
+
+
+def whitening_for(method: Method, statistics: LayerStatistics | None) -> Whitening | None:
+    if statistics is None or method.statistic not in statistics.sums:
+        return None
+    return statistics.whitening(method.statistic)
+
+
+def _cost(metric: str, method: Method, conv: nn.Conv2d, profile: LayerProfile, rank: int, groups: int) -> int:
+    if metric == "macs":
+        return method.macs(conv, profile.calls, rank, groups)
+    return method.params(conv, rank, groups)
+
+
+def _original_cost(metric: str, conv: nn.Conv2d, profile: LayerProfile) -> int:
+    return conv_macs(conv, profile.calls) if metric == "macs" else conv_params(conv)
+
+
+def _spread(ranks: list[int], count: int) -> list[int]:
+    if len(ranks) <= count:
+        return ranks
+    picks = {ranks[round(i * (len(ranks) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+def _set_choice(plan: LayerPlan, method: Method, conv: nn.Conv2d, profile: LayerProfile, rank: int) -> None:
+    plan.method, plan.rank = method.name, rank
+    plan.macs_after = method.macs(conv, profile.calls, rank, plan.groups)
+    plan.params_after = method.params(conv, rank, plan.groups)
+
+
+def _fixed_rank(plan: LayerPlan, rule, conv, profile, statistics) -> None:
+    method = METHODS[plan.method]
+    whitening = whitening_for(method, statistics)
+    rank, note = resolve_rank(
+        method, conv, profile.calls, rule.rank, plan.groups, plan.name, round_to=plan.round_to, whitening=whitening
+    )
+    _set_choice(plan, method, conv, profile, rank)
+    plan.note = note
+    if method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None:
+        plan.predicted_error = method.predicted_errors(conv, [rank], plan.groups, whitening)[0]
+
+
+def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics) -> list[Candidate]:
+    original = _original_cost(metric, conv, profile)
+    keep_allowed = "keep" in plan.choices
+    found = [Candidate(original, 0.0, ("keep", None, None))] if keep_allowed else []
+    for name in plan.choices:
+        if name == "keep":
+            continue
+        method = METHODS[name]
+        whitening = whitening_for(method, statistics)
+        ranks = allowed_ranks(method, conv, plan.groups, plan.round_to)
+        if keep_allowed:  # a rewrite that costs more than the original never beats keeping it
+            ranks = [r for r in ranks if _cost(metric, method, conv, profile, r, plan.groups) < original] or ranks[:0]
+        spectral = method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None
+        ranks = _spread(ranks, SPECTRAL_CANDIDATES if spectral else ITERATIVE_CANDIDATES)
+        if not ranks:
+            continue
+        errors = method.predicted_errors(conv, ranks, plan.groups, whitening)
+        for rank, error in zip(ranks, errors):
+            cost = _cost(metric, method, conv, profile, rank, plan.groups)
+            found.append(Candidate(cost, error**2, (name, rank, error)))
+    return found
+
+
+def assign_ranks(
+    plans: Sequence[LayerPlan],
+    module: nn.Module,
+    profiles: dict[str, LayerProfile],
+    recipe,
+    statistics: dict[str, LayerStatistics] | None = None,
+) -> dict | None:
+    """Fill in method, rank and costs of every rewriting plan; return the budget record, if any.
+
+    ``statistics`` (from :func:`compressor.calibrate.collect_statistics`) makes spectral ranks
+    and the budget's errors data-aware. Raises ``RankError`` for a rank that does not fit and for a
+    target below the smallest reachable cost.
+    """
+    statistics = statistics or {}
+    solved = [plan for plan in plans if plan.choices]
+    for plan in plans:
+        if plan.rewrites and not plan.choices:
+            conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+            _fixed_rank(plan, recipe.rules[plan.rule], conv, profile, statistics.get(plan.name))
+    if recipe.target is None:
+        return None
+    metric, fraction = recipe.target.metric, recipe.target.fraction
+    total = totals(profiles)[metric]
+    budget = fraction * total
+    fixed_after = total + sum(
+        (getattr(p, f"{metric}_after") or 0) - (getattr(p, f"{metric}_before") or 0) for p in plans if not p.choices
+    )
+    fixed_after -= sum(getattr(p, f"{metric}_before") for p in solved)
+    choices = [
+        _candidates(plan, module.get_submodule(plan.name), profiles[plan.name], metric, statistics.get(plan.name))
+        for plan in solved
+    ]
+    reachable = fixed_after + (minimum_cost(choices) if choices else 0)
+    if reachable > budget:
+        raise RankError(
+            f"target {{{metric}: {fraction}}} asks for at most {int(budget)} {metric} of {total}, but the smallest "
+            f"reachable with these rules is {int(reachable)} ({reachable / max(total, 1):.3f} of the original); "
+            "raise the target or let more layers be rewritten"
+        )
+    picks = solve(choices, budget - fixed_after) if choices else []
+    predicted_total = 0.0
+    for plan, options, index in zip(solved, choices, picks):
+        name, rank, error = options[index].label
+        conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+        if name == "keep":
+            plan.method, plan.rank = "keep", None
+            plan.macs_after, plan.params_after = plan.macs_before, plan.params_before
+            plan.skipped_reason = "kept: the budget solver found no cheaper candidate worth its error"
+            plan.predicted_error = 0.0
+        else:
+            _set_choice(plan, METHODS[name], conv, profile, rank)
+            plan.predicted_error = error
+        predicted_total += options[index].error
+    planned = fixed_after + sum(options[index].cost for options, index in zip(choices, picks))
+    return {
+        "metric": metric,
+        "fraction": fraction,
+        "budget": budget,
+        "original": total,
+        "planned": planned,
+        "planned_ratio": planned / max(total, 1),
+        "predicted_squared_error": predicted_total,
+        "solved_layers": len(solved),
+        "error_source": "calibration" if statistics else "weights",
+    }

@@ -1,0 +1,136 @@
+"""Turn a rule's rank (int, full, {macs}, {params}, {energy}, vbmf; round_to) into one validated rank.
+
+Cost forms pick the largest allowed rank under the layer's budget; spectral forms read the
+(whitened, when calibration statistics exist) singular values, so with data they measure what the
+layer's *outputs* keep rather than what its weights keep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from compressor.decompose.rank import energy_rank, evbmf_rank, guarded_rank, round_rank
+from compressor.decompose.whiten import Whitening
+from compressor.errors import RankError
+from compressor.methods import Method, conv_macs, conv_params
+from compressor.profile import CallShape
+
+
+def rank_multiple(method: Method, groups: int, round_to: int | None) -> int:
+    """Every rank the rule may produce is a multiple of this."""
+    step = method.rank_step(groups)
+    return step if round_to is None else math.lcm(step, round_to)
+
+
+def allowed_ranks(method: Method, conv: nn.Conv2d, groups: int, round_to: int | None) -> list[int]:
+    """Ascending ranks that are multiples of :func:`rank_multiple`, plus full rank if it is not one."""
+    full = method.full_rank(conv, groups)
+    multiple = rank_multiple(method, groups, round_to)
+    ranks = list(range(multiple, full + 1, multiple))
+    if not ranks or ranks[-1] != full:
+        ranks.append(full)
+    return ranks
+
+
+def describe_layer(method: Method, conv: nn.Conv2d, name: str) -> str:
+    kh, kw = conv.kernel_size
+    return f"layer {name} ({method.name}, kernel {kh}x{kw}, {conv.in_channels}->{conv.out_channels})"
+
+
+def _cost(metric: str, method: Method, conv: nn.Conv2d, calls: Sequence[CallShape], rank: int, groups: int) -> int:
+    return method.macs(conv, calls, rank, groups) if metric == "macs" else method.params(conv, rank, groups)
+
+
+def _largest_under_budget(
+    method: Method, conv: nn.Conv2d, calls: Sequence[CallShape], metric: str, fraction: float, groups: int,
+    round_to: int | None, name: str,
+) -> int:
+    original = conv_macs(conv, calls) if metric == "macs" else conv_params(conv)
+    budget = fraction * original
+    ranks = allowed_ranks(method, conv, groups, round_to)
+    fitting = [rank for rank in ranks if _cost(metric, method, conv, calls, rank, groups) <= budget]
+    if fitting:
+        return fitting[-1]
+    smallest = _cost(metric, method, conv, calls, ranks[0], groups)
+    raise RankError(
+        f"{describe_layer(method, conv, name)}: {{{metric}: {fraction}}} allows {int(budget)} {metric.upper() if metric == 'macs' else metric} "
+        f"but the smallest rank ({ranks[0]}) costs {smallest}; raise the budget or add an earlier rule that keeps this layer"
+    )
+
+
+def _mode_matrices(method: Method, conv: nn.Conv2d, whitening: Whitening | None) -> list[torch.Tensor]:
+    """Unfoldings whose ranks bound the method's rank: the channel modes of the (whitened) kernel."""
+    weight = method.whitened_weight(conv.weight, whitening if method.statistic == "channels" else None)
+    out_channels, in_channels = weight.shape[:2]
+    return [weight.reshape(out_channels, -1), weight.transpose(0, 1).reshape(in_channels, -1)]
+
+
+def _energy(method: Method, conv: nn.Conv2d, fraction: float, groups: int, whitening: Whitening | None) -> int:
+    spectrum = method.spectrum(conv.weight.detach(), groups, whitening)
+    if spectrum is not None:
+        if spectrum.dim() == 2:
+            # One depth multiplier for all channels: rank m keeps the m-th singular value of each.
+            spectrum = (spectrum.to(torch.float64) ** 2).sum(0).sqrt()
+        return energy_rank(spectrum, fraction)
+    return max(energy_rank(torch.linalg.svdvals(matrix), fraction) for matrix in _mode_matrices(method, conv, whitening))
+
+
+def _vbmf(method: Method, conv: nn.Conv2d, groups: int, whitening: Whitening | None) -> int:
+    spectrum = method.spectrum(conv.weight.detach(), groups, whitening)
+    if spectrum is not None and spectrum.dim() == 2:
+        # Depthwise: the slices of all channels stacked share one (kh*kw)-dimensional filter space.
+        weight = conv.weight.detach().to(torch.float64)
+        out_channels, in_channels, kh, kw = weight.shape
+        slices = weight.permute(1, 0, 2, 3).reshape(in_channels, out_channels, kh * kw)
+        if whitening is not None:
+            slices = slices @ whitening.root
+        return evbmf_rank(slices.reshape(in_channels * out_channels, kh * kw))
+    if method.statistic == "column_patches":
+        weight = conv.weight.detach().to(torch.float64)
+        out_channels, in_channels, kh, kw = weight.shape
+        unfolded = weight.permute(1, 2, 0, 3).reshape(in_channels * kh, out_channels * kw)
+        if whitening is not None:
+            unfolded = whitening.root @ unfolded
+        return evbmf_rank(unfolded)
+    # Tucker-style ranks from both channel-mode unfoldings (Kim et al. 2016).
+    return max(evbmf_rank(matrix) for matrix in _mode_matrices(method, conv, whitening))
+
+
+def resolve_rank(
+    method: Method,
+    conv: nn.Conv2d,
+    calls: Sequence[CallShape],
+    spec,
+    groups: int,
+    name: str,
+    *,
+    round_to: int | None = None,
+    whitening: Whitening | None = None,
+) -> tuple[int, str | None]:
+    """The rank for ``spec`` and a note when it was adjusted (VBMF collapse); raises ``RankError``."""
+    full = method.full_rank(conv, groups)
+    step = method.rank_step(groups)
+    what = describe_layer(method, conv, name)
+    if spec is None or spec == "full":
+        return full, None
+    if isinstance(spec, int):
+        if spec > full:
+            raise RankError(f"{what}: rank {spec} is above its full rank {full} (the maximum for this layer)")
+        if spec % step:
+            raise RankError(f"{what}: rank {spec} is not divisible by groups={groups}")
+        return spec, None
+    if hasattr(spec, "macs") or hasattr(spec, "params"):
+        metric = "macs" if hasattr(spec, "macs") else "params"
+        return _largest_under_budget(method, conv, calls, metric, getattr(spec, metric), groups, round_to, name), None
+    note = None
+    if hasattr(spec, "energy"):
+        raw = _energy(method, conv, spec.energy, groups, whitening)
+    elif spec == "vbmf":
+        raw, note = guarded_rank(_vbmf(method, conv, groups, whitening), full)
+    else:  # the recipe schema makes this unreachable
+        raise RankError(f"{what}: unsupported rank {spec!r}")
+    return round_rank(max(raw, 1), rank_multiple(method, groups, round_to), full, step), note
