@@ -44,7 +44,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -95,7 +95,13 @@ PositiveStrictInt = Annotated[int, Field(strict=True, gt=0)]
 _RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
 )
+_METHOD_EXPECTED = (
+    "expected one of " + ", ".join(map(repr, METHODS)) + ", or a non-empty list of them"
+)
 _Fraction = Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)]
+# Strict: an int is accepted (as a float), a bool or a string is not.
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Positive = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 _MAX_REPR = 80
 
 
@@ -210,9 +216,25 @@ class Rule(BaseModel):
             return tuple(value)
         raise ValueError(f"expected a positive int k or a pair [kh, kw] of positive ints; got {_short_repr(value)}")
 
-    @field_validator("method", mode="after")
+    @field_validator("method", mode="wrap")
     @classmethod
-    def _check_method_list(cls, value: Any) -> Any:
+    def _check_method(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Like rank: the union yields one sub-error per member (with pydantic's ``literal[...]`` tags in
+        # the location); report a single readable one that names the offending value instead.
+        try:
+            if not isinstance(value, (str, list, tuple)):  # a set would lose the order of the methods
+                raise ValueError
+            value = handler(value)
+        except (ValidationError, ValueError):
+            got = _short_repr(value)
+            if isinstance(value, (list, tuple)):
+                bad = [(i, m) for i, m in enumerate(value) if not (isinstance(m, str) and m in METHODS)]
+                if bad:
+                    i, m = bad[0]
+                    got = f"{_short_repr(m)} (item {i} of {got})"
+            raise PydanticCustomError("method_type", "{expected}; got {got}", {
+                "expected": _METHOD_EXPECTED, "got": got
+            }) from None
         if isinstance(value, list):
             if not value:
                 raise ValueError(f"expected a method or a non-empty list of methods from {', '.join(METHODS)}")
@@ -318,6 +340,10 @@ class Target(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: The keys are alternatives (exactly one is set): ``--set target.macs=0.4`` on ``target: {params: 0.5}``
+    #: replaces the mapping, switching the metric, instead of merging into an invalid ``{params, macs}``.
+    _exclusive_keys: ClassVar[bool] = True
+
     macs: Optional[_Fraction] = None
     params: Optional[_Fraction] = None
 
@@ -342,8 +368,17 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mean: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = None
-    std: Optional[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]] = None
+    mean: Optional[Annotated[list[_Finite], Field(strict=True)]] = None
+    std: Optional[Annotated[list[_Positive], Field(strict=True)]] = None
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _check_channels(cls, value: Any) -> Any:
+        if isinstance(value, tuple):  # Python callers; YAML gives lists (strict lists reject sets, whose order is lost)
+            value = list(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("expected a non-empty list of numbers, one per channel; got []")
+        return value
 
     @model_validator(mode="after")
     def _same_length(self) -> DataConfig:
@@ -429,54 +464,115 @@ class Recipe(BaseModel):
 
 
 @dataclass(frozen=True)
+class _UnionOf:
+    """A field that may hold any of several models (a rule's ``rank``: MacsRank, ParamsRank, EnergyRank).
+
+    A key picks the member that defines it; the keys allowed there are those of all members.
+    """
+
+    members: tuple[type[BaseModel], ...]
+
+
+#: A schema node whose instances are mappings.
+_Mapping = Union[type[BaseModel], _UnionOf]
+
+
+@dataclass(frozen=True)
 class _ListOf:
-    item: type[BaseModel]
+    item: _Mapping
 
 
-_Schema = Union[type[BaseModel], _ListOf]
+_Schema = Union[type[BaseModel], _UnionOf, _ListOf]
 
 
 def _schema_of(annotation: Any) -> Optional[_Schema]:
-    """The model (or list of models) a field can descend into, or ``None`` for a plain-value field."""
+    """The model, union of models or list of those that a field can descend into; ``None`` for a plain value.
+
+    The plain members of a union (``8``, ``"full"``, ``None`` for a rank) are left out: a dotted key can only
+    descend into the mapping forms.
+    """
     origin = get_origin(annotation)
     if origin is Annotated:
         return _schema_of(get_args(annotation)[0])
     if origin is Union or origin is types.UnionType:
+        models: list[type[BaseModel]] = []
+        other: Optional[_Schema] = None
         for arg in get_args(annotation):
             found = _schema_of(arg)
-            if found is not None:
-                return found
-        return None
+            if isinstance(found, _UnionOf):
+                models.extend(found.members)
+            elif isinstance(found, type):
+                models.append(found)
+            elif found is not None and other is None:
+                other = found
+        models = list(dict.fromkeys(models))
+        if models:
+            return models[0] if len(models) == 1 else _UnionOf(tuple(models))
+        return other
     if origin in (list, Sequence):
         (item,) = get_args(annotation) or (Any,)
         inner = _schema_of(item)
-        return _ListOf(inner) if isinstance(inner, type) else None
+        return _ListOf(inner) if isinstance(inner, (type, _UnionOf)) else None
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
 
 
-def _allowed(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields)
+def _members(node: _Mapping) -> tuple[type[BaseModel], ...]:
+    return node.members if isinstance(node, _UnionOf) else (node,)
+
+
+def _member_for(node: _Mapping, key: str) -> Optional[type[BaseModel]]:
+    """The (first) model of ``node`` that defines ``key``, or ``None``."""
+    for model in _members(node):
+        if key in model.model_fields:
+            return model
+    return None
+
+
+def _allowed(node: _Mapping) -> str:
+    """The keys allowed at ``node``: a model's fields, or those of every member of a union, in order."""
+    return ", ".join(dict.fromkeys(key for model in _members(node) for key in model.model_fields))
 
 
 def _where(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path) if path else "top level"
 
 
-def _model_at(loc: Sequence[Any]) -> Optional[type[BaseModel]]:
-    """The model whose instance lives at ``loc`` (e.g. ``('rules', 0)`` -> ``Rule``), if any."""
+def _walk(loc: Sequence[Any]) -> tuple[Optional[_Schema], tuple[Any, ...]]:
+    """Follow a pydantic error location from :class:`Recipe` through the schema.
+
+    Returns the schema node at the end of ``loc`` (``None`` for a plain value or a location the schema
+    does not know) and ``loc`` without pydantic's union-member tags (``('rules', 0, 'rank', 'MacsRank')``
+    reads ``('rules', 0, 'rank')``, which is what the user wrote).
+    """
     node: Optional[_Schema] = Recipe
-    for part in loc:
-        if isinstance(node, _ListOf):
-            if not isinstance(part, int):
-                return None
+    shown: list[Any] = []
+    for k, part in enumerate(loc):
+        if isinstance(node, _ListOf) and isinstance(part, int):
             node = node.item
-        elif isinstance(node, type) and isinstance(part, str) and part in node.model_fields:
-            node = _schema_of(node.model_fields[part].annotation)
+        elif isinstance(node, _UnionOf) and any(part == m.__name__ for m in node.members):
+            # Stay on the union: a key unknown to the member pydantic tried is reported with the keys
+            # of all members (``allowed: macs, params, energy``).
+            continue
+        elif node is not None and not isinstance(node, _ListOf) and isinstance(part, str):
+            model = _member_for(node, part)
+            node = None if model is None else _schema_of(model.model_fields[part].annotation)
+            if model is None:
+                return None, (*shown, *loc[k:])
         else:
-            return None
-    return node if isinstance(node, type) else None
+            return None, (*shown, *loc[k:])
+        shown.append(part)
+    return node, tuple(shown)
+
+
+def _model_at(loc: Sequence[Any]) -> Optional[_Mapping]:
+    """The model (or union of models) whose instance lives at ``loc``, if any.
+
+    ``('rules', 0)`` -> ``Rule``; ``('rules', 0, 'rank')`` -> the union of MacsRank, ParamsRank, EnergyRank.
+    """
+    node, _ = _walk(loc)
+    return None if node is None or isinstance(node, _ListOf) else node
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -562,9 +658,16 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     ``KEY`` is a dotted path through the schema (``rules.0.rank``, ``export.opset``, ``rules.0.rank.macs``);
     any key the schema defines may be set, missing intermediate mappings are created, and a plain value
     standing where a mapping is needed (``rank: full`` under ``rules.0.rank.macs=0.5``) is replaced.
+    Where a field takes one of several mappings (a rank: ``{macs: f}``, ``{params: f}`` or ``{energy: e}``),
+    the key picks the form, and keys of another form are dropped: a rank has exactly one key, so
+    ``rules.0.rank.energy=0.9`` on ``rank: {macs: 0.5}`` gives ``{energy: 0.9}``, not ``{macs, energy}``.
+    Likewise the target takes exactly one of ``macs``/``params``, so ``target.macs=0.4`` on
+    ``target: {params: 0.5}`` gives ``{macs: 0.4}``. (A null VALUE clears its key and drops nothing.)
     ``VALUE`` is parsed as YAML (an empty VALUE is ``null``, which clears an optional key).
     The result is not validated. Raises :class:`RecipeError` for a malformed override, a key the schema
-    does not define, or a list index that does not exist. ``raw`` is not modified.
+    does not define, or a list index that does not exist. ``raw`` is not modified, and neither is any
+    other part of the result: a mapping or list shared by YAML anchors (``<<: *base``) is copied before
+    an override changes it, so ``rules.1.rank.macs=0.25`` never changes rule 0 as well.
     """
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -572,6 +675,18 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     for override in overrides:
         _apply_one(result, override)
     return result
+
+
+def _drop_other_keys(container: dict[Any, Any], node: _Mapping, model: type[BaseModel], key: str) -> None:
+    """Before ``key`` is set: drop the keys that cannot stand beside it (see :func:`apply_overrides`)."""
+    if getattr(model, "_exclusive_keys", False):
+        keep: Any = {key}
+    elif isinstance(node, _UnionOf):
+        keep = model.model_fields
+    else:
+        return
+    for other in [k for k in container if k not in keep]:
+        del container[other]
 
 
 def _apply_one(raw: dict[str, Any], override: str) -> None:
@@ -590,6 +705,8 @@ def _apply_one(raw: dict[str, Any], override: str) -> None:
     segments = [s.strip() for s in segments]
     value = _parse_value(text)
 
+    # ``container`` is always a mapping or list of the result's own (copied on the way down), so
+    # changing it never reaches ``raw`` or a YAML-aliased twin elsewhere in the result.
     node: _Schema = Recipe
     container: Any = raw
     walked: list[str] = []
@@ -609,18 +726,20 @@ def _apply_one(raw: dict[str, Any], override: str) -> None:
             if last:
                 container[idx] = value
                 return
-            if not isinstance(container[idx], dict):
-                container[idx] = {}
-            container, node = container[idx], node.item
+            current = container[idx]
+            current = container[idx] = dict(current) if isinstance(current, dict) else {}
+            container, node = current, node.item
         else:
-            fields = node.model_fields
-            if seg not in fields:
+            model = _member_for(node, seg)
+            if model is None:
                 under = f"under {_where(walked)}" if walked else "at top level"
                 raise RecipeError(f"{label}: {seg!r} is not a recipe key {under}; allowed: {_allowed(node)}")
+            if not (last and value is None):
+                _drop_other_keys(container, node, model, seg)
             if last:
                 container[seg] = value
                 return
-            child = _schema_of(fields[seg].annotation)
+            child = _schema_of(model.model_fields[seg].annotation)
             here = _where([*walked, seg])
             if child is None:
                 raise RecipeError(
@@ -629,11 +748,12 @@ def _apply_one(raw: dict[str, Any], override: str) -> None:
             current = container.get(seg)
             if isinstance(child, _ListOf):
                 if current is None:
-                    current = container[seg] = []
+                    current = []
                 elif not isinstance(current, list):
                     raise RecipeError(f"{label}: cannot index {here}: it is not a list (got {_short_repr(current)})")
-            elif not isinstance(current, dict):
-                current = container[seg] = {}
+                current = container[seg] = list(current)
+            else:
+                current = container[seg] = dict(current) if isinstance(current, dict) else {}
             container, node = current, child
         walked.append(seg)
 
@@ -643,7 +763,7 @@ def _apply_one(raw: dict[str, Any], override: str) -> None:
 
 
 def _format_error(err: Mapping[str, Any]) -> str:
-    loc = tuple(err.get("loc", ()))
+    _, loc = _walk(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
     if kind == "extra_forbidden":
@@ -658,7 +778,7 @@ def _format_error(err: Mapping[str, Any]) -> str:
         return f"{prefix}missing required key {str(key)!r}"
     if kind == "value_error" and msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    elif kind not in ("rank_type", "value_error", "assertion_error"):
+    elif kind not in ("rank_type", "method_type", "value_error", "assertion_error"):
         msg = f"{msg}; got {_short_repr(err.get('input'))}"
     return f"{_where(loc)}: {msg}" if loc else msg
 

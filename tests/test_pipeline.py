@@ -215,19 +215,90 @@ def test_grouped_budget_rank_is_a_multiple_of_groups():
     assert ranks and all(r % 4 == 0 for r in ranks), ranks
 
 
-def test_calibration_data_is_refused_not_ignored():
+def _calibration(batches=4, size=8, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 32, 32, generator=generator) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped", "cp"])
+def test_data_aware_init_lowers_the_output_error(method):
     model, x = _build("resnet20_cifar")
-    with pytest.raises(CompressorError, match="not supported yet"):
-        compressor.compress(model, _lossless("depthwise_separable", 1), x, data=[x])
+    recipe = {"rules": [{"match": "layer1*", "method": method, "rank": {"macs": 0.4}}], "calibration": {"samples": 32}}
+    held_out = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(9))]
+    weights = compressor.compress(model, recipe, x, eval_data=held_out)
+    data = compressor.compress(model, recipe, x, data=_calibration(), eval_data=held_out)
+    assert weights.report["init"] == "weights" and data.report["init"] == "data"
+    assert data.report["calibration_samples"] == 32, data.report["calibration_samples"]
+    rewritten = [layer for layer in data.report["layers"] if layer["method"] != "keep"]
+    assert rewritten and all(layer["init"] == "data" and layer["output_rel_error"] is not None for layer in rewritten)
+    plain, aware = weights.report["metrics"]["output_rel_error"], data.report["metrics"]["output_rel_error"]
+    assert aware < 0.8 * plain, f"{method}: held-out output error data-aware {aware:.4f} vs weights-only {plain:.4f}"
 
 
-def test_eval_data_reports_agreement():
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_global_budget_is_met_from_below_within_two_percent(fraction):
+    model, x = _build("resnet20_cifar")
+    recipe = {
+        "rules": [
+            {"match": "conv1", "method": "keep"},
+            {"match": "layer*", "method": ["spatial_separable", "depthwise_separable", "grouped", "keep"]},
+        ],
+        "target": {"macs": fraction},
+        "calibration": {"samples": 16},
+    }
+    result = compressor.compress(model, recipe, x, data=_calibration(batches=2))
+    target = result.report["target"]
+    assert fraction * 0.98 <= target["achieved"] <= fraction, target
+    assert abs(target["achieved"] - result.report["totals"]["macs_ratio"]) < 1e-12, target
+    chosen = {layer["method"] for layer in result.report["layers"] if layer["choices"]}
+    assert chosen <= {"spatial_separable", "depthwise_separable", "grouped", "keep"}, chosen
+    assert all(layer["predicted_error"] is not None for layer in result.report["layers"] if layer["choices"])
+
+
+def test_impossible_budget_names_the_minimum_reachable():
+    model, x = _build("resnet20_cifar")
+    recipe = {"rules": [{"match": "layer1*", "method": "spatial_separable"}], "target": {"macs": 0.05}}
+    with pytest.raises(RankError, match=r"smallest reachable .* \(0\.\d+ of the original\)") as caught:
+        compressor.compress(model, recipe, x)
+    assert "\n" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("rank", [{"energy": 0.9}, "vbmf", {"params": 0.5}])
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped", "cp"])
+def test_every_rank_form_on_every_method(method, rank):
+    model, x = _build("resnet20_cifar")
+    recipe = {"rules": [{"match": "layer1.0.conv*", "method": method, "rank": rank, "round_to": 2}]}
+    result = compressor.compress(model, recipe, x, data=_calibration(batches=1))
+    chosen = [layer for layer in result.report["layers"] if layer["name"].startswith("layer1.0.conv")]
+    for layer in chosen:
+        assert layer["method"] in (method, "grouped"), layer  # cp may fall back to Tucker-2
+        if layer["method"] == method:
+            assert layer["rank"] >= 1 and (layer["rank"] % 2 == 0 or layer["note"]), layer
+        if "params" in rank:
+            assert layer["params_after"] <= 0.5 * layer["params_before"], layer
+
+
+def test_energy_rank_grows_with_the_energy_kept():
+    model, x = _build("resnet20_cifar")
+    ranks = []
+    for energy in (0.5, 0.9, 0.99):
+        recipe = {"rules": [{"match": "layer2.0.conv1", "method": "spatial_separable", "rank": {"energy": energy}}]}
+        layer_plan = compressor.plan(model, recipe, x)
+        ranks.append(next(layer.rank for layer in layer_plan.layers if layer.name == "layer2.0.conv1"))
+    assert ranks == sorted(ranks) and ranks[0] < ranks[-1], ranks
+
+
+def test_eval_data_reports_agreement_in_torch_and_onnx(tmp_path):
     model, x = _build("resnet20_cifar")
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
     result = compressor.compress(model, _lossless("depthwise_separable", 1), x, eval_data=batches)
-    evaluation = result.report["eval"]
-    assert evaluation["samples"] == 8 and evaluation["top1_agreement"] == 1.0, evaluation
-    assert evaluation["accuracy_original"] == evaluation["accuracy_compressed"], evaluation
+    metrics = result.report["metrics"]
+    assert metrics["samples"] == 8 and metrics["agreement"] == 1.0, metrics
+    assert metrics["accuracy_original"] == metrics["accuracy_compressed"], metrics
+    result.save(tmp_path)
+    onnx_metrics = result.report["metrics"]["onnx"]
+    assert onnx_metrics["samples"] == 8 and onnx_metrics["agreement"] == 1.0, onnx_metrics
+    assert onnx_metrics["accuracy_original"] == metrics["accuracy_original"], onnx_metrics
 
 
 def test_plan_changes_nothing():

@@ -7,22 +7,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from compressor.errors import CompressorError, RecipeError
 from compressor.recipe import (
     METHODS,
+    Calibration,
+    DataConfig,
+    EnergyRank,
     ExportConfig,
     MacsRank,
+    ParamsRank,
     Recipe,
     Rule,
+    Target,
     apply_overrides,
     load_recipe,
 )
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RULE_KEYS = "match, method, rank, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
-TOP_KEYS = "name, description, input_shape, rules, export"
+RULE_KEYS = "match, method, rank, round_to, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
+TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, export"
+METHOD_NAMES = ("depthwise_separable", "spatial_separable", "grouped", "cp", "keep")
+RANK_EXPECTED = (
+    "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
+)
 
 
 def rule(**kw: Any) -> dict[str, Any]:
@@ -55,7 +65,7 @@ def assert_contains(message: str, *parts: str) -> None:
 
 
 def test_methods_constant() -> None:
-    assert METHODS == ("depthwise_separable", "spatial_separable", "grouped", "keep"), METHODS
+    assert METHODS == METHOD_NAMES, METHODS
 
 
 def test_recipe_error_is_compressor_error() -> None:
@@ -75,8 +85,18 @@ def test_recipe_error_is_compressor_error() -> None:
         ({"macs": 1}, MacsRank(macs=1.0)),
         ({"macs": 1.0}, MacsRank(macs=1.0)),
         (MacsRank(macs=0.25), MacsRank(macs=0.25)),
+        ("vbmf", "vbmf"),
+        ({"params": 0.5}, ParamsRank(params=0.5)),
+        ({"params": 1}, ParamsRank(params=1.0)),
+        ({"energy": 0.9}, EnergyRank(energy=0.9)),
+        ({"energy": 1.0}, EnergyRank(energy=1.0)),
+        ({"energy": 1e-3}, EnergyRank(energy=1e-3)),
+        (ParamsRank(params=0.25), ParamsRank(params=0.25)),
+        (EnergyRank(energy=0.5), EnergyRank(energy=0.5)),
+        (4096, 4096),
     ],
-    ids=["full", "int8", "int1", "macs0.5", "macs-int-1", "macs1.0", "macs-instance"],
+    ids=["full", "int8", "int1", "macs0.5", "macs-int-1", "macs1.0", "macs-instance", "vbmf", "params0.5",
+         "params-int-1", "energy0.9", "energy1.0", "energy1e-3", "params-instance", "energy-instance", "int4096"],
 )
 def test_rank_forms(rank: Any, expected: Any) -> None:
     got = load_recipe(recipe(rule(rank=rank))).rules[0].rank
@@ -84,9 +104,13 @@ def test_rank_forms(rank: Any, expected: Any) -> None:
     assert type(got) is type(expected), f"rank {rank!r} parsed as {type(got).__name__}"
 
 
-def test_rank_defaults_to_full() -> None:
-    got = load_recipe(recipe(rule(method="keep"))).rules[0].rank
-    assert got == "full", got
+def test_rank_defaults_to_none() -> None:
+    # None means "full" for a fixed rule and "chosen by the budget" under a recipe target.
+    for method in METHODS:
+        got = load_recipe(recipe(rule(method=method))).rules[0].rank
+        assert got is None, f"{method}: {got!r}"
+    assert load_recipe(recipe(rule(rank=None))).rules[0].rank is None
+    assert Rule(match="x", method="cp").rank is None
 
 
 @pytest.mark.parametrize(
@@ -106,6 +130,10 @@ def test_defaults() -> None:
     assert (only.groups, only.kernel_size, only.min_kernel_size, only.min_in_channels, only.min_out_channels) == (
         1, None, None, None, None,
     ), only
+    assert only.rank is None and only.round_to is None, only
+    assert r.target is None, r.target
+    assert r.data == DataConfig(mean=None, std=None), r.data
+    assert r.calibration == Calibration(samples=512, batch_size=64), r.calibration
 
 
 def test_full_recipe_fields() -> None:
@@ -186,7 +214,7 @@ BAD_RECIPES = [
     ),
     pytest.param(
         recipe(rule(), rule(method="foo")),
-        ["recipe: rules.1.method:", "'depthwise_separable'", "'spatial_separable'", "'grouped'", "'keep'",
+        ["recipe: rules.1.method", "'depthwise_separable'", "'spatial_separable'", "'grouped'", "'cp'", "'keep'",
          "got 'foo'"],
         id="bad-method",
     ),
@@ -264,17 +292,17 @@ def test_bad_recipes(raw: dict[str, Any], parts: list[str]) -> None:
     assert_contains(message, *parts)
 
 
-@pytest.mark.parametrize("rank", [0, -1, "half", {"macs": 1.5}, True, None])
+@pytest.mark.parametrize("rank", [0, -1, "half", {"macs": 1.5}, True, {"energy": 0}, {"params": 2}, "vbm"])
 def test_rank_error_is_collapsed(rank: Any) -> None:
     message = error_of(recipe(rule(rank=rank)))
-    expected = "recipe: rules.0.rank: expected a positive integer, 'full', or {macs: f} with 0 < f <= 1; got "
+    expected = f"recipe: rules.0.rank: {RANK_EXPECTED}; got "
     assert message.startswith(expected), message
     assert message.count("rules.0.rank") == 1, message
 
 
 def test_several_errors_joined() -> None:
     message = error_of(recipe(rule(method="foo"), rule(rank=0)))
-    assert_contains(message, "recipe: rules.0.method:", "; recipe: rules.1.rank:")
+    assert_contains(message, "recipe: rules.0.method", "; recipe: rules.1.rank:")
 
 
 # -------------------------------------------------------------------------------------------- overrides
@@ -367,8 +395,13 @@ BAD_OVERRIDES = [
     ),
     pytest.param(
         "rules.0.rank.mac=0.5",
-        ["'mac' is not a recipe key under rules.0.rank; allowed: macs"],
+        ["--set rules.0.rank.mac=0.5: 'mac' is not a recipe key under rules.0.rank; allowed: macs, params, energy"],
         id="unknown-macs-key",
+    ),
+    pytest.param(
+        "rules.0.rank.energy.x=1",
+        ["'x' is not a recipe key under rules.0.rank.energy; rules.0.rank.energy takes a plain value"],
+        id="descend-into-energy",
     ),
     pytest.param("rules.3.rank=8", ["--set rules.3.rank=8: rules has 2 entries, indices 0..1"], id="index-range"),
     pytest.param("rules.2=8", ["rules has 2 entries, indices 0..1"], id="index-range-last"),
@@ -399,12 +432,647 @@ def test_override_validation_error_names_source(tmp_path: Path) -> None:
     message = error_of(path, ("rules.0.rank=6",))
     assert message == f"{path} (with --set overrides): rules.0: rank 6 is not divisible by groups 4", message
     message = error_of(BASE, ("rules.0.method=bogus",))
-    assert message.startswith("recipe (with --set overrides): rules.0.method:"), message
+    assert message.startswith("recipe (with --set overrides): rules.0.method"), message
+    assert_contains(message, "got 'bogus'")
 
 
 def test_override_index_into_missing_rules() -> None:
     message = error_of({}, ("rules.0.rank=8",))
     assert_contains(message, "rules has no entries")
+
+
+# ------------------------------------------------------------------------------- new keys: rank forms
+
+
+BAD_RANKS = [
+    pytest.param({"energy": 0}, "{'energy': 0}", id="energy-0"),
+    pytest.param({"energy": 1.5}, "{'energy': 1.5}", id="energy-1.5"),
+    pytest.param({"energy": -0.5}, "{'energy': -0.5}", id="energy-negative"),
+    pytest.param({"energy": float("nan")}, "{'energy': nan}", id="energy-nan"),
+    pytest.param({"energy": True}, "{'energy': True}", id="energy-bool"),
+    pytest.param({"energy": "0.5"}, "{'energy': '0.5'}", id="energy-string"),
+    pytest.param({"params": -1}, "{'params': -1}", id="params-negative"),
+    pytest.param({"params": 0}, "{'params': 0}", id="params-0"),
+    pytest.param({"params": 1.01}, "{'params': 1.01}", id="params-1.01"),
+    pytest.param({"macs": float("inf")}, "{'macs': inf}", id="macs-inf"),
+    pytest.param({"macs": 0.5, "params": 0.5}, "{'macs': 0.5, 'params': 0.5}", id="macs-and-params"),
+    pytest.param({"energy": 0.9, "macs": 0.5}, "{'energy': 0.9, 'macs': 0.5}", id="energy-and-macs"),
+    pytest.param({}, "{}", id="empty-mapping"),
+    pytest.param({"latency": 0.5}, "{'latency': 0.5}", id="unknown-rank-key"),
+    pytest.param("vbm", "'vbm'", id="vbm"),
+    pytest.param("VBMF", "'VBMF'", id="vbmf-uppercase"),
+    pytest.param("Full", "'Full'", id="full-capitalized"),
+    pytest.param(0.5, "0.5", id="bare-fraction"),
+    pytest.param([8], "[8]", id="list"),
+]
+
+
+@pytest.mark.parametrize(("rank", "shown"), BAD_RANKS)
+def test_bad_rank_forms(rank: Any, shown: str) -> None:
+    message = error_of(recipe(rule(rank=rank)))
+    assert message == f"recipe: rules.0.rank: {RANK_EXPECTED}; got {shown}", message
+    for form in ("positive integer", "'full'", "'vbmf'", "{macs: f}", "{params: f}", "{energy: f}", "0 < f <= 1"):
+        assert_contains(message, form)
+
+
+def test_bad_rank_in_later_rule_names_its_index() -> None:
+    message = error_of(recipe(rule(), rule(method="cp", rank={"energy": 2})))
+    assert message == f"recipe: rules.1.rank: {RANK_EXPECTED}; got {{'energy': 2}}", message
+
+
+# ---------------------------------------------------------------------------------- new keys: round_to
+
+
+@pytest.mark.parametrize("round_to", [1, 4, 8, 16, None])
+def test_round_to_accepted(round_to: Any) -> None:
+    got = load_recipe(recipe(rule(round_to=round_to))).rules[0].round_to
+    assert got == round_to and type(got) is type(round_to), f"round_to {round_to!r} -> {got!r}"
+
+
+@pytest.mark.parametrize(
+    ("round_to", "parts"),
+    [
+        pytest.param(0, ["greater than 0", "got 0"], id="zero"),
+        pytest.param(-8, ["greater than 0", "got -8"], id="negative"),
+        pytest.param(2.5, ["valid integer", "got 2.5"], id="float"),
+        pytest.param(8.0, ["valid integer", "got 8.0"], id="integral-float"),
+        pytest.param("8", ["valid integer", "got '8'"], id="string"),
+        pytest.param(True, ["valid integer", "got True"], id="bool"),
+    ],
+)
+def test_round_to_rejected(round_to: Any, parts: list[str]) -> None:
+    message = error_of(recipe(rule(round_to=round_to)))
+    assert message.startswith("recipe: rules.0.round_to: "), message
+    assert_contains(message, *parts)
+
+
+def test_round_to_with_every_rank_form() -> None:
+    for rank in (None, 8, "full", "vbmf", {"macs": 0.5}, {"params": 0.5}, {"energy": 0.9}):
+        got = load_recipe(recipe(rule(rank=rank, round_to=8))).rules[0]
+        assert got.round_to == 8, (rank, got)
+
+
+# ------------------------------------------------------------------------------ new keys: method lists
+
+
+TARGET = {"macs": 0.5}
+
+
+@pytest.mark.parametrize(
+    "methods",
+    [
+        ["cp", "depthwise_separable"],
+        ["depthwise_separable", "spatial_separable", "grouped", "cp"],
+        list(METHOD_NAMES),
+        ["keep", "cp"],
+        ["spatial_separable", "keep"],
+    ],
+    ids=["cp-dws", "all-rewrites", "all", "keep-cp", "spatial-keep"],
+)
+def test_method_list_accepted_with_target(methods: list[str]) -> None:
+    for target in (TARGET, {"params": 0.3}):
+        got = load_recipe(recipe(rule(method=methods), target=target)).rules[0]
+        assert got.method == methods, got  # order kept
+        assert got.methods == tuple(methods), got.methods
+        assert got.rank is None and got.solved is True, got
+
+
+def test_method_list_rejected_without_target() -> None:
+    message = error_of(recipe(rule(method=["cp", "depthwise_separable"])))
+    assert message == (
+        "recipe: rules.0: a list of methods needs a recipe target (e.g. target: {macs: 0.5}) "
+        "for the budget solver to choose between them"
+    ), message
+    message = error_of(recipe(rule(), rule(match="*", method=["grouped", "cp"])))
+    assert_contains(message, "recipe: rules.1:", "a list of methods needs a recipe target")
+    message = error_of(recipe(rule(method=["cp", "keep"]), target=None))
+    assert_contains(message, "rules.0:", "target")
+
+
+@pytest.mark.parametrize(
+    "rank", [8, "full", "vbmf", {"macs": 0.5}, {"params": 0.5}, {"energy": 0.9}], ids=str
+)
+def test_method_list_rejected_with_rank(rank: Any) -> None:
+    for target in (TARGET, None):
+        raw = recipe(rule(method=["cp", "depthwise_separable"], rank=rank), target=target)
+        message = error_of(raw)
+        assert_contains(
+            message,
+            "recipe: rules.0: a list of methods (cp, depthwise_separable) leaves method and rank to the budget solver",
+            "remove rank, or name a single method",
+        )
+
+
+@pytest.mark.parametrize("target", [TARGET, None], ids=["target", "no-target"])
+def test_method_list_empty_rejected(target: Any) -> None:
+    message = error_of(recipe(rule(method=[]), target=target))
+    assert message.startswith("recipe: rules.0.method: "), message
+    assert_contains(message, "non-empty list of methods", ", ".join(METHOD_NAMES))
+
+
+@pytest.mark.parametrize(
+    ("methods", "shown"),
+    [(["cp", "cp"], "['cp', 'cp']"), (["grouped", "cp", "grouped"], "['grouped', 'cp', 'grouped']")],
+)
+def test_method_list_duplicates_rejected(methods: list[str], shown: str) -> None:
+    message = error_of(recipe(rule(method=methods), target=TARGET))
+    assert message == f"recipe: rules.0.method: method list {shown} names a method twice", message
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_single_method_list_collapses(method: str) -> None:
+    # A one-element list is the plain method: no target needed, and a fixed rank is allowed.
+    got = load_recipe(recipe(rule(method=[method]))).rules[0]
+    assert got.method == method and isinstance(got.method, str), got
+    assert got.methods == (method,), got.methods
+    fixed = load_recipe(recipe(rule(method=[method], rank=8))).rules[0]
+    assert fixed.method == method and fixed.rank == 8 and fixed.solved is False, fixed
+    assert Rule(match="x", method=[method]).method == method
+
+
+@pytest.mark.parametrize(
+    ("methods", "bad"),
+    [(["cp", "squash"], "'squash'"), (["CP"], "'CP'"), (["cp", 1], "1"), (["cp", None], "None")],
+    ids=["squash", "uppercase", "int", "none"],
+)
+def test_unknown_method_in_list_names_allowed(methods: list[Any], bad: str) -> None:
+    message = error_of(recipe(rule(method=methods), target=TARGET))
+    assert message.startswith("recipe: rules.0.method"), message
+    assert_contains(message, *(repr(m) for m in METHOD_NAMES), f"got {bad}")
+
+
+def test_groups_with_grouped_in_method_list() -> None:
+    got = load_recipe(recipe(rule(method=["cp", "grouped"], groups=4), target=TARGET)).rules[0]
+    assert got.groups == 4 and got.methods == ("cp", "grouped"), got
+    message = error_of(recipe(rule(method=["cp", "depthwise_separable"], groups=4), target=TARGET))
+    assert_contains(
+        message, "recipe: rules.0: groups 4 is only valid with method 'grouped'",
+        "got method ['cp', 'depthwise_separable']",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "methods", "solved"),
+    [
+        ({"method": "cp"}, ("cp",), True),
+        ({"method": "cp", "rank": 8}, ("cp",), False),
+        ({"method": "cp", "rank": "full"}, ("cp",), False),
+        ({"method": "cp", "rank": {"energy": 0.9}}, ("cp",), False),
+        ({"method": "keep"}, ("keep",), False),
+        ({"method": ["keep"]}, ("keep",), False),
+        ({"method": ["keep", "cp"]}, ("keep", "cp"), True),
+        ({"method": ["grouped", "cp"], "groups": 2}, ("grouped", "cp"), True),
+    ],
+)
+def test_methods_and_solved_properties(kw: dict[str, Any], methods: tuple[str, ...], solved: bool) -> None:
+    got = load_recipe(recipe(rule(**kw), target=TARGET)).rules[0]
+    assert (got.methods, got.solved) == (methods, solved), got
+
+
+# ------------------------------------------------------------------------------------ new keys: target
+
+
+@pytest.mark.parametrize(
+    ("target", "metric", "fraction"),
+    [
+        ({"macs": 0.4}, "macs", 0.4),
+        ({"params": 0.3}, "params", 0.3),
+        ({"macs": 1}, "macs", 1.0),
+        ({"params": 1.0}, "params", 1.0),
+        ({"macs": 1e-3}, "macs", 1e-3),
+        ({"macs": 0.5, "params": None}, "macs", 0.5),
+        (Target(params=0.25), "params", 0.25),
+    ],
+)
+def test_target_accepted(target: Any, metric: str, fraction: float) -> None:
+    got = load_recipe(recipe(target=target)).target
+    assert got is not None and (got.metric, got.fraction) == (metric, fraction), got
+    assert isinstance(got.fraction, float), got
+
+
+BAD_TARGETS = [
+    pytest.param({}, ["recipe: target: expected exactly one of macs, params (0 < f <= 1); got none"], id="empty"),
+    pytest.param({"macs": None}, ["recipe: target: expected exactly one of macs, params", "got none"], id="macs-none"),
+    pytest.param(
+        {"macs": 0.5, "params": 0.5},
+        ["recipe: target: expected exactly one of macs, params (0 < f <= 1); got ['macs', 'params']"],
+        id="both",
+    ),
+    pytest.param({"latency": 0.5}, ["recipe: unknown key 'latency' at target; allowed: macs, params"], id="latency"),
+    pytest.param(
+        {"macs": 0.5, "energy": 0.9}, ["unknown key 'energy' at target; allowed: macs, params"], id="energy-key"
+    ),
+    pytest.param({"macs": 0}, ["recipe: target.macs:", "greater than 0", "got 0"], id="macs-0"),
+    pytest.param({"macs": 1.5}, ["recipe: target.macs:", "less than or equal to 1", "got 1.5"], id="macs-1.5"),
+    pytest.param({"params": -0.1}, ["recipe: target.params:", "greater than 0", "got -0.1"], id="params-negative"),
+    pytest.param({"params": 2}, ["recipe: target.params:", "less than or equal to 1", "got 2"], id="params-2"),
+    pytest.param({"macs": float("nan")}, ["recipe: target.macs:", "got nan"], id="macs-nan"),
+    pytest.param({"macs": "0.5"}, ["recipe: target.macs:", "got '0.5'"], id="macs-string"),
+    pytest.param({"macs": True}, ["recipe: target.macs:", "got True"], id="macs-bool"),
+    pytest.param(0.5, ["recipe: target:", "got 0.5"], id="bare-number"),
+]
+
+
+@pytest.mark.parametrize(("target", "parts"), BAD_TARGETS)
+def test_bad_targets(target: Any, parts: list[str]) -> None:
+    assert_contains(error_of(recipe(target=target)), *parts)
+
+
+# --------------------------------------------------------------------------------------- new keys: data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        {"mean": [0.5], "std": [0.25]},
+        {"mean": [0.5, 0.5, 0.5]},
+        {"std": [1, 2, 3]},
+        {"mean": [-1, 0, 1], "std": [1e-6, 1, 255]},
+        {},
+    ],
+)
+def test_data_accepted(data: dict[str, Any]) -> None:
+    got = load_recipe(recipe(data=data)).data
+    assert got.mean == data.get("mean") and got.std == data.get("std"), got
+    assert all(isinstance(v, float) for v in (got.mean or []) + (got.std or [])), got
+
+
+BAD_DATA = [
+    pytest.param(
+        {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2]},
+        ["recipe: data: mean has 3 values but std has 2; give one per channel"],
+        id="length-mismatch",
+    ),
+    pytest.param({"mean": [0.5], "std": [0.2, 0.2, 0.2]}, ["data: mean has 1 values but std has 3"], id="mismatch-1-3"),
+    pytest.param({"std": [0.2, 0, 0.2]}, ["recipe: data.std.1:", "greater than 0", "got 0"], id="std-0"),
+    pytest.param({"std": [-1.0]}, ["recipe: data.std.0:", "greater than 0", "got -1.0"], id="std-negative"),
+    pytest.param({"std": [float("nan")]}, ["recipe: data.std.0:", "finite number", "got nan"], id="std-nan"),
+    pytest.param({"mean": [float("inf")]}, ["recipe: data.mean.0:", "finite number", "got inf"], id="mean-inf"),
+    pytest.param({"mean": ["a"]}, ["recipe: data.mean.0:", "valid number", "got 'a'"], id="mean-string"),
+    pytest.param({"mean": 0.5}, ["recipe: data.mean:", "valid list", "got 0.5"], id="mean-not-list"),
+    pytest.param({"avg": [0.5]}, ["recipe: unknown key 'avg' at data; allowed: mean, std"], id="unknown-key"),
+    pytest.param({"mean": [True, 0.5]}, ["recipe: data.mean.0:", "valid number", "got True"], id="mean-bool"),
+    pytest.param({"std": [0.2, "0.2"]}, ["recipe: data.std.1:", "valid number", "got '0.2'"], id="std-string"),
+    pytest.param({"std": [False]}, ["recipe: data.std.0:", "valid number", "got False"], id="std-bool"),
+    pytest.param({"mean": []}, ["recipe: data.mean: expected a non-empty list of numbers, one per channel; got []"],
+                 id="mean-empty"),
+    pytest.param({"std": []}, ["recipe: data.std: expected a non-empty list of numbers, one per channel; got []"],
+                 id="std-empty"),
+    pytest.param({"std": {0.5}}, ["recipe: data.std:", "valid list", "got {0.5}"], id="std-set"),
+    pytest.param({"mean": "0.5"}, ["recipe: data.mean:", "valid list", "got '0.5'"], id="mean-string-scalar"),
+]
+
+
+@pytest.mark.parametrize(("data", "parts"), BAD_DATA)
+def test_bad_data(data: dict[str, Any], parts: list[str]) -> None:
+    assert_contains(error_of(recipe(data=data)), *parts)
+
+
+def test_data_tuples_accepted() -> None:
+    got = load_recipe(recipe(data={"mean": (0, 0.5, 1), "std": (1, 2, 3)})).data
+    assert got.mean == [0.0, 0.5, 1.0] and got.std == [1.0, 2.0, 3.0], got
+    assert DataConfig(mean=(0.5,)).mean == [0.5]
+
+
+# -------------------------------------------------------------------------------- new keys: calibration
+
+
+@pytest.mark.parametrize(
+    ("calibration", "expected"),
+    [
+        ({}, (512, 64)),
+        ({"samples": 128}, (128, 64)),
+        ({"batch_size": 1}, (512, 1)),
+        ({"samples": 1, "batch_size": 1}, (1, 1)),
+        ({"samples": 10000, "batch_size": 256}, (10000, 256)),
+    ],
+)
+def test_calibration_accepted(calibration: dict[str, Any], expected: tuple[int, int]) -> None:
+    got = load_recipe(recipe(calibration=calibration)).calibration
+    assert (got.samples, got.batch_size) == expected, got
+
+
+BAD_CALIBRATION = [
+    pytest.param({"samples": 0}, ["recipe: calibration.samples:", "greater than 0", "got 0"], id="samples-0"),
+    pytest.param({"samples": -1}, ["recipe: calibration.samples:", "greater than 0", "got -1"], id="samples-neg"),
+    pytest.param({"samples": 128.0}, ["recipe: calibration.samples:", "valid integer", "got 128.0"], id="samples-f"),
+    pytest.param({"samples": "128"}, ["recipe: calibration.samples:", "valid integer", "got '128'"], id="samples-str"),
+    pytest.param({"samples": True}, ["recipe: calibration.samples:", "valid integer", "got True"], id="samples-bool"),
+    pytest.param({"batch_size": 0}, ["recipe: calibration.batch_size:", "greater than 0", "got 0"], id="bs-0"),
+    pytest.param({"batch_size": 1.5}, ["recipe: calibration.batch_size:", "valid integer", "got 1.5"], id="bs-float"),
+    pytest.param(
+        {"sampels": 128},
+        ["recipe: unknown key 'sampels' at calibration; allowed: samples, batch_size"],
+        id="unknown-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("calibration", "parts"), BAD_CALIBRATION)
+def test_bad_calibration(calibration: dict[str, Any], parts: list[str]) -> None:
+    assert_contains(error_of(recipe(calibration=calibration)), *parts)
+
+
+# ------------------------------------------------------------------------------ new keys: overrides
+
+
+def test_override_target_macs() -> None:
+    assert "target" not in BASE
+    r = load_recipe(BASE, ["target.macs=0.4"])
+    assert r.target == Target(macs=0.4) and r.target.metric == "macs" and r.target.fraction == 0.4, r.target
+
+
+def test_override_calibration_samples() -> None:
+    r = load_recipe(BASE, ["calibration.samples=128"])
+    assert (r.calibration.samples, r.calibration.batch_size) == (128, 64), r.calibration
+    r = load_recipe(recipe(calibration={"samples": 8, "batch_size": 4}), ["calibration.samples=128"])
+    assert (r.calibration.samples, r.calibration.batch_size) == (128, 4), r.calibration
+
+
+def test_override_new_keys() -> None:
+    r = load_recipe(
+        BASE,
+        ["target.params=0.5", "rules.0.method=[cp, grouped]", "rules.0.rank=", "rules.0.groups=2",
+         "rules.0.round_to=8", "data.mean=[0.5]", "data.std=[0.25]", "calibration.batch_size=32"],
+    )
+    assert r.target == Target(params=0.5), r.target
+    assert (r.rules[0].method, r.rules[0].rank, r.rules[0].groups, r.rules[0].round_to) == (
+        ["cp", "grouped"], None, 2, 8,
+    ), r.rules[0]
+    assert r.data == DataConfig(mean=[0.5], std=[0.25]), r.data
+    assert r.calibration == Calibration(samples=512, batch_size=32), r.calibration
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("vbmf", "vbmf"), ("{params: 0.5}", ParamsRank(params=0.5)), ("{energy: 0.9}", EnergyRank(energy=0.9))],
+)
+def test_override_rank_to_new_forms(value: str, expected: Any) -> None:
+    r = load_recipe(BASE, [f"rules.0.rank={value}"])
+    assert r.rules[0].rank == expected and type(r.rules[0].rank) is type(expected), r.rules[0].rank
+
+
+def test_override_switch_target_metric() -> None:
+    # Target takes exactly one of macs/params: setting the other key replaces the mapping (it switches
+    # the metric) instead of merging into an invalid {params: 0.5, macs: 0.4}.
+    base = recipe(target={"params": 0.5})
+    assert apply_overrides(base, ["target.macs=0.4"])["target"] == {"macs": 0.4}
+    assert load_recipe(base, ["target.macs=0.4"]).target == Target(macs=0.4)
+    assert load_recipe(base, ["target.macs=0.4", "target.params=0.3"]).target == Target(params=0.3)
+    assert load_recipe(base, ["target.params=0.25"]).target == Target(params=0.25)
+    assert load_recipe(base, ["target={macs: 0.4}"]).target == Target(macs=0.4)
+    assert load_recipe(base, ["target.params=", "target.macs=0.4"]).target == Target(macs=0.4)
+    assert load_recipe(base, ["target="]).target is None
+
+
+BAD_NEW_OVERRIDES = [
+    pytest.param(
+        "calibration.foo=1",
+        ["--set calibration.foo=1: 'foo' is not a recipe key under calibration; allowed: samples, batch_size"],
+        id="calibration-unknown",
+    ),
+    pytest.param(
+        "target.latency=0.5",
+        ["--set target.latency=0.5: 'latency' is not a recipe key under target; allowed: macs, params"],
+        id="target-unknown",
+    ),
+    pytest.param(
+        "data.avg=[1]", ["--set data.avg=[1]: 'avg' is not a recipe key under data; allowed: mean, std"],
+        id="data-unknown",
+    ),
+    pytest.param(
+        "calibration.samples.x=1",
+        ["'x' is not a recipe key under calibration.samples; calibration.samples takes a plain value"],
+        id="descend-into-samples",
+    ),
+    pytest.param(
+        "calibration.samples=0",
+        ["recipe (with --set overrides): calibration.samples:", "greater than 0"],
+        id="samples-0",
+    ),
+    pytest.param(
+        "target.macs=1.5", ["recipe (with --set overrides): target.macs:", "less than or equal to 1"], id="macs-1.5"
+    ),
+    pytest.param(
+        "rules.1.method=[cp, grouped]",
+        ["recipe (with --set overrides): rules.1: a list of methods needs a recipe target"],
+        id="method-list-no-target",
+    ),
+    pytest.param(
+        "rules.0.method=[cp, grouped]",  # BASE's rules.0 has rank: full
+        ["recipe (with --set overrides): rules.0: a list of methods (cp, grouped) leaves method and rank"],
+        id="method-list-with-rank",
+    ),
+    pytest.param(
+        "rules.0.round_to=0", ["recipe (with --set overrides): rules.0.round_to:", "greater than 0"], id="round-to-0"
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "parts"), BAD_NEW_OVERRIDES)
+def test_bad_new_overrides(override: str, parts: list[str]) -> None:
+    assert_contains(error_of(BASE, (override,)), *parts)
+
+
+# ------------------------------------------------------------------------ new keys: files and round trip
+
+
+NEW_KEYS_YAML = """\
+rules:
+  - match: "stem.*"
+    method: keep
+  - match: "layer1*"
+    method: [depthwise_separable, cp, grouped]
+    groups: 2
+    round_to: 8
+  - match: "layer2*"
+    method: cp
+    rank: vbmf
+  - match: "layer3*"
+    method: spatial_separable
+    rank: {energy: 0.95}
+    round_to: 4
+  - match: "*"
+    method: [grouped]
+    groups: 4
+    rank: {params: 0.5}
+target: {macs: 0.4}
+data:
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+calibration:
+  samples: 256
+  batch_size: 32
+"""
+
+
+def test_load_yaml_new_keys(tmp_path: Path) -> None:
+    path = tmp_path / "budget.yaml"
+    path.write_text(NEW_KEYS_YAML)
+    r = load_recipe(path)
+    assert [x.method for x in r.rules] == [
+        "keep", ["depthwise_separable", "cp", "grouped"], "cp", "spatial_separable", "grouped",
+    ], r.rules
+    assert [x.rank for x in r.rules] == [None, None, "vbmf", EnergyRank(energy=0.95), ParamsRank(params=0.5)], r.rules
+    assert [x.round_to for x in r.rules] == [None, 8, None, 4, None], r.rules
+    assert [x.solved for x in r.rules] == [False, True, False, False, False], r.rules
+    assert r.target == Target(macs=0.4), r.target
+    assert r.data == DataConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), r.data
+    assert r.calibration == Calibration(samples=256, batch_size=32), r.calibration
+    r = load_recipe(path, ["target.macs=0.25", "calibration.samples=128"])
+    assert r.target == Target(macs=0.25) and r.calibration.samples == 128, (r.target, r.calibration)
+    message = error_of(path, ("target=",))
+    assert message == (
+        f"{path} (with --set overrides): rules.1: a list of methods needs a recipe target "
+        "(e.g. target: {macs: 0.5}) for the budget solver to choose between them"
+    ), message
+
+
+def test_new_keys_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "budget.yaml"
+    path.write_text(NEW_KEYS_YAML)
+    original = load_recipe(path)
+    again = load_recipe(original)
+    assert again == original and again is not original, again
+    assert [x.index for x in again.rules] == [0, 1, 2, 3, 4], again.rules
+    changed = load_recipe(original, ["rules.2.rank={energy: 0.5}"])
+    assert changed.rules[2].rank == EnergyRank(energy=0.5) and original.rules[2].rank == "vbmf", changed.rules[2]
+
+
+# ------------------------------------------------------------------ method errors, union overrides
+
+
+METHOD_EXPECTED = (
+    "expected one of 'depthwise_separable', 'spatial_separable', 'grouped', 'cp', 'keep', or a non-empty list of them"
+)
+
+
+@pytest.mark.parametrize("method", ["foo", ["cp", "squash"], None], ids=["foo", "list", "none"])
+def test_bad_method_error_is_collapsed(method: Any) -> None:
+    message = error_of(recipe(rule(method=method), target=TARGET))
+    assert message.startswith("recipe: rules.0.method: "), message
+    assert message.count("rules.0.method") == 1 and "literal[" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("method", "shown"),
+    [
+        ("foo", "'foo'"),
+        ("CP", "'CP'"),
+        (None, "None"),
+        (5, "5"),
+        ({"cp": 1}, "{'cp': 1}"),
+        ({"cp"}, "{'cp'}"),  # a set is not a list: its order would be lost
+        (["cp", "squash"], "'squash' (item 1 of ['cp', 'squash'])"),
+        (["x", "cp", "y"], "'x' (item 0 of ['x', 'cp', 'y'])"),
+        (["cp", None], "None (item 1 of ['cp', None])"),
+        ([["cp"]], "['cp'] (item 0 of [['cp']])"),
+    ],
+    ids=["foo", "uppercase", "none", "int", "mapping", "set", "list", "list-first-bad", "list-none", "nested"],
+)
+def test_bad_method_message(method: Any, shown: str) -> None:
+    message = error_of(recipe(rule(method=method), target=TARGET))
+    assert message == f"recipe: rules.0.method: {METHOD_EXPECTED}; got {shown}", message
+
+
+def test_bad_method_message_from_override_and_rule() -> None:
+    message = error_of(BASE, ("rules.1.method=squash",))
+    assert message == f"recipe (with --set overrides): rules.1.method: {METHOD_EXPECTED}; got 'squash'", message
+    with pytest.raises(ValidationError) as info:
+        Rule(match="x", method="squash")
+    assert "literal[" not in str(info.value) and METHOD_EXPECTED in str(info.value), info.value
+
+
+def test_method_tuple_accepted() -> None:
+    got = load_recipe(recipe(rule(method=("cp", "grouped")), target=TARGET)).rules[0]
+    assert got.method == ["cp", "grouped"], got
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("rules.0.rank.params=0.5", ParamsRank(params=0.5)), ("rules.0.rank.energy=0.9", EnergyRank(energy=0.9))],
+    ids=["params", "energy"],
+)
+def test_override_into_params_and_energy_rank(override: str, expected: Any) -> None:
+    r = load_recipe(BASE, [override])
+    assert r.rules[0].rank == expected, r.rules[0].rank
+
+
+@pytest.mark.parametrize(
+    ("rank", "override", "expected"),
+    [
+        ({"macs": 0.5}, "rules.0.rank.energy=0.9", {"energy": 0.9}),
+        ({"macs": 0.5}, "rules.0.rank.params=0.25", {"params": 0.25}),
+        ({"energy": 0.9}, "rules.0.rank.macs=0.5", {"macs": 0.5}),
+        ({"macs": 0.5}, "rules.0.rank.macs=0.25", {"macs": 0.25}),
+        ({"macs": 0.5, "bogus": 1}, "rules.0.rank.macs=0.25", {"macs": 0.25}),
+        ("full", "rules.0.rank.energy=0.9", {"energy": 0.9}),
+        (8, "rules.0.rank.params=0.5", {"params": 0.5}),
+        (None, "rules.0.rank.energy=0.5", {"energy": 0.5}),
+    ],
+    ids=["macs-to-energy", "macs-to-params", "energy-to-macs", "same-key", "drops-unknown", "full", "int", "unset"],
+)
+def test_override_switches_rank_form(rank: Any, override: str, expected: dict[str, float]) -> None:
+    # A rank has exactly one key: a key of another form replaces the mapping rather than merging into it.
+    raw = recipe(rule(rank=rank, method="cp"))
+    out = apply_overrides(raw, [override])
+    assert out["rules"][0]["rank"] == expected, out
+    assert raw["rules"][0]["rank"] == rank, raw  # the input is not modified
+    r = load_recipe(raw, [override])
+    assert r.rules[0].rank.model_dump() == expected, r.rules[0].rank
+
+
+def test_override_rank_switch_chain() -> None:
+    r = load_recipe(BASE, ["rules.0.rank.macs=0.5", "rules.0.rank.energy=0.9", "rules.0.rank.params=0.3"])
+    assert r.rules[0].rank == ParamsRank(params=0.3), r.rules[0].rank
+    r = load_recipe(BASE, ["rules.0.rank.energy=0.9", "rules.0.rank=8"])
+    assert r.rules[0].rank == 8, r.rules[0].rank
+
+
+def test_override_null_clears_without_switching() -> None:
+    # A null VALUE clears its own key and leaves the others alone (so it never switches a form).
+    out = apply_overrides(recipe(target={"macs": 0.4}), ["target.params="])
+    assert out["target"] == {"macs": 0.4, "params": None}, out
+    assert load_recipe(recipe(target={"macs": 0.4}), ["target.params="]).target == Target(macs=0.4)
+    out = apply_overrides(recipe(rule(rank={"macs": 0.5})), ["rules.0.rank.energy="])
+    assert out["rules"][0]["rank"] == {"macs": 0.5, "energy": None}, out
+
+
+def test_override_does_not_reach_yaml_aliases(tmp_path: Path) -> None:
+    # ``<<: *base`` shares base's nested mappings; an override of one rule must not change the other.
+    path = tmp_path / "alias.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - &base {match: 'a.*', method: cp, rank: {macs: 0.5}}\n"
+        "  - <<: *base\n"
+        "    match: 'b.*'\n"
+    )
+    r = load_recipe(path, ["rules.1.rank.macs=0.25"])
+    assert [x.rank for x in r.rules] == [MacsRank(macs=0.5), MacsRank(macs=0.25)], r.rules
+    r = load_recipe(path, ["rules.0.rank.energy=0.9"])
+    assert [x.rank for x in r.rules] == [EnergyRank(energy=0.9), MacsRank(macs=0.5)], r.rules
+    shared: dict[str, Any] = {"macs": 0.5}
+    raw = recipe(rule(rank=shared), rule(rank=shared))
+    out = apply_overrides(raw, ["rules.0.rank.macs=0.25"])
+    assert [x["rank"] for x in out["rules"]] == [{"macs": 0.25}, {"macs": 0.5}], out
+
+
+def test_error_location_through_rank_union() -> None:
+    # The error-formatting walk knows a rank mapping is one of MacsRank/ParamsRank/EnergyRank, and
+    # drops pydantic's union-member tags ('MacsRank') from the location it shows.
+    from compressor.recipe import _format_error, _model_at
+
+    expected = "unknown key 'x' at rules.0.rank; allowed: macs, params, energy"
+    assert _format_error({"type": "extra_forbidden", "loc": ("rules", 0, "rank", "x")}) == expected
+    assert _format_error({"type": "extra_forbidden", "loc": ("rules", 0, "rank", "MacsRank", "x")}) == expected
+    message = _format_error(
+        {"type": "float_type", "loc": ("rules", 1, "rank", "EnergyRank", "energy"), "msg": "bad", "input": "s"}
+    )
+    assert message == "rules.1.rank.energy: bad; got 's'", message
+    assert _model_at(("rules", 0)) is Rule and _model_at(("target",)) is Target
+    assert _model_at(("rules",)) is None and _model_at(("rules", 0, "method")) is None
+    assert _model_at(("rules", 0, "nope")) is None
 
 
 # --------------------------------------------------------------------------------------------- matching
@@ -583,7 +1251,7 @@ def test_validation_error_names_file(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("rules:\n  - match: a\n    method: squash\n")
     message = error_of(path)
-    assert message.startswith(f"{path}: rules.0.method: "), message
+    assert message.startswith(f"{path}: rules.0.method"), message
     assert_contains(message, "got 'squash'")
 
 

@@ -34,20 +34,23 @@ which breaks fine-tuning and float32 inference. :func:`check_degeneracy` raises
   kernel at rank 89, one below full: ratio ~5.6e3). Above 1e3 the sum is over 30x smaller in norm
   than the terms it adds up: float32 rounding in the ``R`` intermediate channels is amplified over
   30x, and fine-tuning steps act on the huge terms; or
-- the relative error is worse than that of the rank-``R`` truncation of the exact construction
-  above (:func:`truncated_construction_error`): that truncation is itself a rank-``R`` CP with
-  orthogonal terms, so a fit that loses to it is a broken fit.
+- the relative error is worse than that of the best rank-``R`` truncation of the four exact
+  constructions above (:func:`truncated_construction_error`): such a truncation is itself a
+  rank-``R`` CP with orthogonal terms, so a fit that loses to it is a broken fit.
 
 The message states the measured numbers; callers catch the error and fall back to another method.
 
 With an input :class:`~compressor.decompose.whiten.Whitening` of the covariance ``S`` of the input
-channels, the output error of a weight error ``dW`` is ``||dW S^(1/2)||`` over the input mode, so
-the CP is fitted to ``W S^(1/2)`` and its input factor is mapped back with ``S^(-1/2)``.
+channels, the output error of a weight error ``dW`` is ``||dW S^(1/2)||`` over the input mode (taking
+the ``kh*kw`` taps of a patch as uncorrelated), so the CP is fitted to ``W S^(1/2)`` and its input
+factor is mapped back with ``S^(-1/2)``: ``first = first_whitened @ S^(-1/2)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 
 import tensorly as tl
@@ -136,9 +139,39 @@ def truncated_construction_error(tensor: torch.Tensor, rank: int) -> float:
     return best
 
 
+_SMALL_ALS_WORK = 1 << 25
+"""``numel * rank`` below which ALS runs on one intra-op thread (see :func:`_intra_op_threads`)."""
+
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(work: int):
+    """One torch intra-op thread for small ALS problems, restored afterwards.
+
+    A sweep of ALS on a conv kernel is a few dozen small matmuls (a 64x64x3x3 kernel at rank 32:
+    ~5 MFLOP): intra-op threads cost more than they give, and when the cores are busy their
+    spin-waiting made such a fit 10-50x slower (0.4 s single-threaded against 11-25 s with two
+    threads on a loaded 2-core machine). The setting is process-wide, so fits are serialized by a
+    lock while it is changed; large problems keep torch's threads.
+    """
+    with _THREADS_LOCK:
+        previous = torch.get_num_threads()
+        if work < _SMALL_ALS_WORK:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
 def _als(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """tensorly ALS from the SVD initialization; mode factors (n_mode, R), float64 on the CPU."""
-    with warnings.catch_warnings(), tl.backend_context("pytorch"):
+    with (
+        _intra_op_threads(tensor.numel() * rank),
+        warnings.catch_warnings(),
+        tl.backend_context("pytorch", local_threadsafe=True),
+    ):
         # Modes shorter than R (kh, kw) get seeded random columns; tensorly says so on every call.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
         weights, factors = parafac(
@@ -163,9 +196,11 @@ def _reconstruct_modes(factors: list[torch.Tensor]) -> torch.Tensor:
     return torch.einsum("or,cr,ir,jr->ocij", *factors)
 
 
-def degeneracy_ratio(first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor) -> float:
+def degeneracy_ratio(
+    first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
+) -> float:
     """``sum_r ||t_r||^2 / ||sum_r t_r||^2`` for the CP terms ``t_r`` (inf if the sum is zero)."""
-    modes = [last.to(torch.float64), first.to(torch.float64).T, vertical.to(torch.float64).T, horizontal.to(torch.float64).T]
+    modes = [last.to(torch.float64)] + [f.to(torch.float64).T for f in (first, vertical, horizontal)]
     term_energy = torch.stack([f.norm(dim=0) for f in modes]).prod(0).pow(2).sum().item()
     total = _reconstruct_modes(modes).norm().item() ** 2
     if term_energy == 0:
@@ -245,7 +280,9 @@ def cp(weight: torch.Tensor, rank: int, *, input_whitening: Whitening | None = N
     )
 
 
-def cp_reconstruct(first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def cp_reconstruct(
+    first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
     """The dense (out, in, kh, kw) kernel of the four-factor chain, in the factors' dtype."""
     dense = torch.einsum(
         "or,rc,ri,rj->ocij",
