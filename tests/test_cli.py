@@ -497,3 +497,58 @@ def test_output_folder_that_would_overwrite_the_input_is_refused(tmp_path, tiny_
     proc = run_cli("--recipe", LOSSLESS, "--arch", ARCH, "--input-shape", SHAPE, "--out", tmp_path, "--force", target)
     assert_one_line_error(proc, 2, "would overwrite the input model")
     assert sha256(target) == before, "the input model was modified"
+
+
+def test_data_and_eval_data_make_init_data_aware_and_report_metrics(tmp_path, tiny_state_dict):
+    model = tmp_path / "model.pt"
+    torch.save(tiny_state_dict, model)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calibration.npz", x=rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8))
+    np.savez(
+        tmp_path / "held_out.npz",
+        x=rng.standard_normal((12, 3, 32, 32)).astype(np.float32),
+        y=rng.integers(0, 16, 12),
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        rules:
+          - match: "*"
+            method: [spatial_separable, depthwise_separable, keep]
+        target: {macs: 0.6}
+        calibration: {samples: 16, batch_size: 8}
+    """))
+    out = tmp_path / "out"
+    proc = run_cli("--recipe", recipe, "--arch", ARCH, "--input-shape", SHAPE, "--data", tmp_path / "calibration.npz",
+                   "--eval-data", tmp_path / "held_out.npz", "--out", out, model)
+    assert proc.returncode == 0, shown(proc)
+    report = json.loads((out / "report.json").read_text())
+    assert report["init"] == "data" and report["calibration_samples"] == 16, shown(proc)
+    # Four small convs give a coarse candidate grid: within 2% is checked on ResNet-20 in test_pipeline.
+    assert 0.5 <= report["target"]["achieved"] <= 0.6, report["target"]
+    metrics = report["metrics"]
+    assert metrics["samples"] == 12 and 0 <= metrics["agreement"] <= 1, metrics
+    assert metrics["onnx"]["samples"] == 12 and abs(metrics["onnx"]["agreement"] - metrics["agreement"]) <= 1 / 12, metrics
+    assert "init: data-aware" in proc.stdout, shown(proc)
+
+
+def test_without_data_the_terminal_says_weights_only(runs):
+    proc, _ = runs.result("lossless")
+    assert "initialization is weights-only" in proc.stdout, shown(proc)
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((4, 5, 32, 32), np.float32)), ("bad.npz", "channel")),
+        (lambda d: np.savez(d / "bad.npz", x=np.full((4, 3, 32, 32), np.nan, np.float32)), ("bad.npz", "NaN")),
+    ],
+    ids=["wrong-channels", "nan"],
+)
+def test_bad_calibration_data_is_a_one_line_error(tmp_path, tiny_state_dict, make, needles):
+    model = tmp_path / "model.pt"
+    torch.save(tiny_state_dict, model)
+    make(tmp_path)
+    proc = run_cli("--recipe", LOSSLESS, "--arch", ARCH, "--input-shape", SHAPE, "--data", tmp_path / "bad.npz",
+                   "--out", tmp_path / "out", model)
+    assert_one_line_error(proc, 2, *needles)
+    assert not (tmp_path / "out").exists(), "a failed run left an output folder"
