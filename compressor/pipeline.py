@@ -18,6 +18,7 @@ from compressor.allocate import assign_ranks, whitening_for
 from compressor.calibrate import LayerStatistics, collect_statistics, refit_last_factor_
 from compressor.decompose import CPDegenerateError
 from compressor.errors import CompressorError, ParityError, describe_error
+from compressor.joint_refit import collect_patch_statistics, spatial_als_
 from compressor.evaluate import evaluate
 from compressor.methods import METHODS, factorize
 from compressor.passes import LayerPlan, Traced, plan_layers, rewrite_, swap_, trace
@@ -299,7 +300,13 @@ def _factorize_all(plan_: Plan) -> dict[str, nn.Sequential]:
         layer.init = plan_.init
         if working is not None:
             calls = len(plan_.profiles[layer.name].calls)
-            refit = refit_last_factor_(module, working, layer.name, stack, calls, lambda: iter(plan_.calibration))
+            batches = lambda: iter(plan_.calibration)  # noqa: E731
+            if layer.method == "spatial_separable":
+                conv = module.get_submodule(layer.name)
+                stats = collect_patch_statistics(module, working, layer.name, conv, calls, batches)
+                refit = spatial_als_(stack, conv, stats)
+            else:
+                refit = refit_last_factor_(module, working, layer.name, stack, calls, batches)
             layer.output_rel_error = refit.error_after
             swap_(working, {layer.name: stack})
         replacements[layer.name] = stack

@@ -176,3 +176,43 @@ def test_patch_extractor_reproduces_unfold_with_same_padding():
         via_patches = torch.einsum("ok,nkhw->nohw", weight_matrix, extractor(x)) + conv.bias[None, :, None, None]
         error = _relative(via_patches, conv(x))
     assert error < 1e-6, f"patch extractor disagrees with the conv: {error:.2e}"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, "same", 2)])
+def test_joint_spatial_refit_beats_the_last_factor_refit(bias, stride, padding, dilation):
+    from compressor.joint_refit import collect_patch_statistics, spatial_als_
+
+    torch.manual_seed(6)
+    original = _Chain().eval()
+    original.b = nn.Conv2d(10, 12, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).eval()
+    working = copy.deepcopy(original)
+    inputs = correlated_inputs()
+    batches = lambda: inputs.split(16)  # noqa: E731
+    upstream, _ = factorize(METHODS["spatial_separable"], original.a, 4, 1)
+    swap_(working, {"a": upstream})
+    method = METHODS["spatial_separable"]
+    last_only, _ = factorize(method, original.b, 5, 1)
+    joint = copy.deepcopy(last_only)
+    last_refit = refit_last_factor_(original, working, "b", last_only, 1, batches)
+    stats = collect_patch_statistics(original, working, "b", original.b, 1, batches)
+    joint_refit = spatial_als_(joint, original.b, stats)
+    with torch.no_grad():
+        measured = _relative(joint(working.a(inputs).relu()), original(inputs))
+    assert joint_refit.error_before == pytest.approx(last_refit.error_before, rel=1e-6), (joint_refit, last_refit)
+    assert joint_refit.error_after <= last_refit.error_after + 1e-9, f"joint {joint_refit} vs last factor {last_refit}"
+    assert joint_refit.error_after < 0.95 * last_refit.error_after, f"joint {joint_refit} vs last factor {last_refit}"
+    assert abs(measured - joint_refit.error_after) < 1e-4, f"reported {joint_refit.error_after:.6f}, measured {measured:.6f}"
+
+
+def test_joint_spatial_refit_keeps_an_exact_stack():
+    from compressor.joint_refit import collect_patch_statistics, spatial_als_
+
+    torch.manual_seed(7)
+    original = _Chain().eval()
+    inputs = correlated_inputs()
+    method = METHODS["spatial_separable"]
+    stack, _ = factorize(method, original.b, method.full_rank(original.b, 1), 1)
+    stats = collect_patch_statistics(original, copy.deepcopy(original), "b", original.b, 1, lambda: inputs.split(16))
+    refit = spatial_als_(stack, original.b, stats)
+    assert refit.error_before < 1e-5 and refit.error_after <= refit.error_before, refit

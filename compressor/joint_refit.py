@@ -1,0 +1,181 @@
+"""Alternating least squares on *both* factors of a spatially separable stack, from data statistics.
+
+The (kh x 1) then (1 x kw) stack computes, at every output position, ``W_eff p + b`` where ``p`` is
+the input patch under the original conv's geometry and ``W_eff[o, c, i, j] = sum_r H[o, r, j]
+V[r, c, i]`` (exactly: see ``layers.build_spatial_separable``). So its output error against the
+original layer is a quadratic form in ``W_eff`` given three sums over the calibration data: the
+patch Gram ``C = sum p p^T`` (patches of the compressed network's activations), the cross term
+``M = sum p y^T`` with the original layer's outputs ``y``, and ``sum |y|^2`` — all with a constant
+1 appended to ``p`` for the bias. ``W_eff`` is linear in ``H`` for fixed ``V`` (a small closed-form
+solve) and linear in ``V`` for fixed ``H`` (solved by conjugate gradients on the Kronecker-structured
+normal equations, never forming the ``(in*kh*R)``-square matrix). Each half-step is a least-squares
+solve, so the error does not increase; the best iterate is kept.
+
+This is the data-driven scheme of Jaderberg, Vedaldi, Zisserman, "Speeding up Convolutional Neural
+Networks with Low Rank Expansions" (BMVC 2014, scheme 2, which reconstructs outputs), with the
+asymmetric target of Zhang et al. (TPAMI 2016): inputs from the compressed network, outputs of the
+original one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor import layers
+from compressor.calibrate import Batches, Refit, _captured_calls
+
+_RIDGE = 1e-6
+
+
+@dataclass
+class PatchStatistics:
+    """Sums over calibration positions; the last row/column of ``gram``/``cross`` is the constant 1."""
+
+    gram: torch.Tensor  # (D+1, D+1)
+    cross: torch.Tensor  # (D+1, out)
+    energy: float
+    samples: int
+
+
+def collect_patch_statistics(
+    original: nn.Module, working: nn.Module, name: str, conv: nn.Conv2d, calls: int, batches: Batches
+) -> PatchStatistics:
+    """One pass: patches of ``name``'s input in ``working`` against its output in ``original``."""
+    target_conv, input_conv = original.get_submodule(name), working.get_submodule(name)
+    extractor = layers.build_patch_extractor(
+        conv, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+    )
+    size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    gram = torch.zeros(size, size, dtype=torch.float64)
+    cross = torch.zeros(size, conv.out_channels, dtype=torch.float64)
+    energy, samples = 0.0, 0
+    with torch.no_grad():
+        for batch in batches():
+            targets = _captured_calls(original, target_conv, batch, calls, output=True)
+            inputs = _captured_calls(working, input_conv, batch, calls, output=False)
+            samples += batch.shape[0]
+            for target, hidden in zip(targets, inputs):
+                for part_target, part_hidden in zip(target.split(16), hidden.split(16)):
+                    patches = extractor(part_hidden)
+                    columns = patches.transpose(0, 1).reshape(size - 1, -1).to(torch.float64)
+                    columns = torch.cat([columns, torch.ones(1, columns.shape[1], dtype=torch.float64)])
+                    wanted = part_target.transpose(0, 1).reshape(conv.out_channels, -1).to(torch.float64)
+                    gram += (columns @ columns.T).cpu()
+                    cross += (columns @ wanted.T).cpu()
+                    energy += float((wanted**2).sum())
+    return PatchStatistics(gram, cross, energy, samples)
+
+
+def _effective(vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
+    """W_eff (out, in*kh*kw) from V (R, in, kh) and H (out, R, kw)."""
+    out_channels = horizontal.shape[0]
+    return torch.einsum("rci,orj->ocij", vertical, horizontal).reshape(out_channels, -1)
+
+
+def _adjoint(gradient: torch.Tensor, horizontal: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The V-gradient of <gradient, W_eff(V, H)>: maps (out, in*kh*kw) back to (R, in, kh)."""
+    _, in_channels, kh = shape
+    kw = horizontal.shape[2]
+    return torch.einsum("ocij,orj->rci", gradient.reshape(-1, in_channels, kh, kw), horizontal)
+
+
+def _error(weights: torch.Tensor, stats: PatchStatistics) -> float:
+    """Squared error of ``[W_eff | b]`` (out, D+1)."""
+    return stats.energy - 2 * float((weights * stats.cross.T).sum()) + float(((weights @ stats.gram) * weights).sum())
+
+
+def _solve_horizontal(vertical, bias_used: bool, stats: PatchStatistics, kw: int):
+    """Optimal H (and bias) for fixed V: features are V applied at each of the kw horizontal taps."""
+    rank, in_channels, kh = vertical.shape
+    size = in_channels * kh * kw
+    # K maps the D patch dims to the R*kw features (r, j): feature (r, j) = sum_{c,i} V[r,c,i] p[c,i,j].
+    eye = torch.eye(kw, dtype=torch.float64)
+    k = torch.einsum("rci,jl->rjcil", vertical, eye).reshape(rank * kw, size)
+    if bias_used:
+        k = torch.block_diag(k, torch.ones(1, 1, dtype=torch.float64))
+        gram, cross = stats.gram, stats.cross
+    else:
+        gram, cross = stats.gram[:-1, :-1], stats.cross[:-1]
+    feature_gram = k @ gram @ k.T
+    scale = float(torch.diagonal(feature_gram).mean().clamp_min(1e-300))
+    solution = torch.linalg.solve(
+        feature_gram + _RIDGE * scale * torch.eye(k.shape[0], dtype=torch.float64), k @ cross
+    ).T  # (out, R*kw [+1])
+    bias = solution[:, -1] if bias_used else None
+    horizontal = solution[:, : rank * kw].reshape(-1, rank, kw)
+    return horizontal, bias
+
+
+def _solve_vertical(vertical, horizontal, bias, stats: PatchStatistics, iterations: int = 60):
+    """Optimal V for fixed H (and bias) by conjugate gradients on the normal equations."""
+    shape = tuple(vertical.shape)
+    gram = stats.gram[:-1, :-1]
+    offset = stats.cross[:-1].T.clone()  # (out, D): M^T minus the bias' share
+    if bias is not None:
+        offset -= bias[:, None] * stats.gram[-1, :-1][None, :]
+    scale = float(torch.diagonal(gram).mean().clamp_min(1e-300))
+
+    def operator(v: torch.Tensor) -> torch.Tensor:
+        return _adjoint(_effective(v, horizontal) @ gram, horizontal, shape) + _RIDGE * scale * v
+
+    rhs = _adjoint(offset, horizontal, shape)
+    solution = vertical.clone()
+    residual = rhs - operator(solution)
+    direction = residual.clone()
+    norm = float((residual**2).sum())
+    target = 1e-20 * max(float((rhs**2).sum()), 1e-300)
+    for _ in range(iterations):
+        if norm <= target:
+            break
+        applied = operator(direction)
+        step = norm / max(float((direction * applied).sum()), 1e-300)
+        solution += step * direction
+        residual -= step * applied
+        new_norm = float((residual**2).sum())
+        direction = residual + (new_norm / norm) * direction
+        norm = new_norm
+    return solution
+
+
+def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, sweeps: int = 6) -> Refit:
+    """Refine both factors of a spatially separable ``stack`` in place; never increases the error."""
+    first, last = stack[0], stack[-1]
+    kw = conv.kernel_size[1]
+    vertical = first.weight.detach().to(torch.float64).cpu()[..., 0]  # (R, in, kh)
+    horizontal = last.weight.detach().to(torch.float64).cpu()[:, :, 0, :]  # (out, R, kw)
+    bias_used = last.bias is not None
+    bias = last.bias.detach().to(torch.float64).cpu() if bias_used else None
+
+    def packed(v, h, b):
+        weights = _effective(v, h)
+        extra = b[:, None] if b is not None else torch.zeros(weights.shape[0], 1, dtype=torch.float64)
+        return torch.cat([weights, extra], dim=1)
+
+    before = _error(packed(vertical, horizontal, bias), stats)
+    best = (before, vertical, horizontal, bias)
+    for _ in range(sweeps):
+        horizontal, bias = _solve_horizontal(vertical, bias_used, stats, kw)
+        vertical = _solve_vertical(vertical, horizontal, bias, stats)
+        # Rebalance scales between the factors (the product is unchanged) to keep the solves conditioned.
+        norms = vertical.flatten(1).norm(dim=1).clamp_min(1e-30)
+        vertical, horizontal = vertical / norms[:, None, None], horizontal * norms[None, :, None]
+        error = _error(packed(vertical, horizontal, bias), stats)
+        if not all(torch.isfinite(t).all() for t in (vertical, horizontal)) or error != error:
+            break
+        if error < best[0]:
+            improvement = best[0] - error
+            best = (error, vertical, horizontal, bias)
+            if improvement < 1e-4 * before:
+                break
+    error, vertical, horizontal, bias = best
+    if error < before:
+        with torch.no_grad():
+            first.weight.copy_(vertical[..., None].to(first.weight))
+            last.weight.copy_(horizontal[:, :, None, :].to(last.weight))
+            if bias_used:
+                last.bias.copy_(bias.to(last.bias))
+    denominator = max(stats.energy, 1e-300)
+    return Refit(max(before, 0.0) ** 0.5 / denominator**0.5, max(min(error, before), 0.0) ** 0.5 / denominator**0.5, stats.samples)
