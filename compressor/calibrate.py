@@ -152,10 +152,6 @@ class Refit:
     error_after: float
     samples: int
 
-    @property
-    def improved(self) -> bool:
-        return self.error_after < self.error_before
-
 
 def _last_factor_patches(last: nn.Conv2d) -> nn.Conv2d | None:
     plain = last.kernel_size == (1, 1) and last.stride == (1, 1) and last.padding in ((0, 0), "valid")
@@ -230,18 +226,3 @@ def refit_last_factor_(
                 last.bias.copy_(solved[:, -1].to(last.bias.dtype))
     denominator = max(energy, 1e-300)
     return Refit(max(before, 0.0) ** 0.5 / denominator**0.5, max(after, 0.0) ** 0.5 / denominator**0.5, samples)
-
-
-def output_error(original: nn.Module, working: nn.Module, name: str, stack: nn.Sequential, calls: int, batches: Batches) -> float:
-    """Relative error of ``stack`` (fed by ``working``) against the original conv (fed by ``original``)."""
-    target_conv, input_conv = original.get_submodule(name), working.get_submodule(name)
-    diff = ref = 0.0
-    with torch.no_grad():
-        for batch in batches():
-            targets = _captured_calls(original, target_conv, batch, calls, output=True)
-            inputs = _captured_calls(working, input_conv, batch, calls, output=False)
-            for target, hidden in zip(targets, inputs):
-                got = stack(hidden).to(torch.float64)
-                diff += float(((got - target.to(torch.float64)) ** 2).sum())
-                ref += float((target.to(torch.float64) ** 2).sum())
-    return (diff / max(ref, 1e-300)) ** 0.5

@@ -368,3 +368,21 @@ def test_shipped_recipe_runs_end_to_end(recipe, tmp_path):
         assert result.report["output_rel_error"] < EXACT, result.report["output_rel_error"]
     else:
         assert result.report["totals"]["macs_ratio"] < 1, result.report["totals"]
+
+
+def test_degenerate_cp_falls_back_to_tucker_at_no_more_macs(monkeypatch):
+    from compressor.decompose import CPDegenerateError
+    from compressor.methods import METHODS
+
+    def degenerate(*args, **kwargs):
+        raise CPDegenerateError("terms cancel: ratio 5.6e3 > 1e3")
+
+    monkeypatch.setattr(METHODS["cp"], "decompose", degenerate)
+    model, x = _build("resnet20_cifar")
+    recipe = {"rules": [{"match": "layer1.0.conv1", "method": "cp", "rank": {"macs": 0.3}}]}
+    result = compressor.compress(model, recipe, x)
+    layer = next(layer for layer in result.report["layers"] if layer["name"] == "layer1.0.conv1")
+    assert layer["method"] == "grouped" and layer["groups"] == 1, layer
+    assert "degenerated" in layer["note"] and "Tucker-2" in layer["note"], layer
+    assert layer["macs_after"] <= 0.3 * layer["macs_before"], layer
+    assert isinstance(result.model.get_submodule("layer1.0.conv1"), nn.Sequential)

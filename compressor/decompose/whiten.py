@@ -56,11 +56,6 @@ def whitening(covariance: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> Whiteni
     return Whitening(root, inverse)
 
 
-def identity_whitening(size: int, device: torch.device | str = "cpu") -> Whitening:
-    eye = torch.eye(size, dtype=torch.float64, device=device)
-    return Whitening(eye, eye)
-
-
 def whiten_input_mode(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in, kh, kw) with its input-channel mode multiplied by ``transform`` (in x in).
 
