@@ -94,6 +94,34 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics) -> list
     return found
 
 
+def _spend_leftover(
+    solved: Sequence[LayerPlan], module: nn.Module, profiles: dict[str, LayerProfile], metric: str, budget: float, planned: float
+) -> float:
+    """Raise the ranks the coarse grid of the iterative methods left short, within the budget.
+
+    Their candidates skip ranks (each costs a decomposition), so the solver can stop well under
+    the budget. A higher rank of the same method does not fit worse, so the leftover goes, layer by
+    layer from the largest predicted error, to the largest rank that still fits; the recorded
+    ``predicted_error`` stays that of the grid rank (an upper bound).
+    """
+    coarse = [
+        plan for plan in solved
+        if plan.method in METHODS and METHODS[plan.method].spectrum(module.get_submodule(plan.name).weight.detach(), plan.groups, None) is None
+    ]
+    for plan in sorted(coarse, key=lambda p: -(p.predicted_error or 0.0)):
+        method, conv, profile = METHODS[plan.method], module.get_submodule(plan.name), profiles[plan.name]
+        current = _cost(metric, method, conv, profile, plan.rank, plan.groups)
+        fitting = [
+            rank for rank in allowed_ranks(method, conv, plan.groups, plan.round_to)
+            if rank > plan.rank and planned - current + _cost(metric, method, conv, profile, rank, plan.groups) <= budget
+            and _cost(metric, method, conv, profile, rank, plan.groups) < _original_cost(metric, conv, profile)
+        ]
+        if fitting:
+            planned += _cost(metric, method, conv, profile, fitting[-1], plan.groups) - current
+            _set_choice(plan, method, conv, profile, fitting[-1])
+    return planned
+
+
 def assign_ranks(
     plans: Sequence[LayerPlan],
     module: nn.Module,
@@ -148,6 +176,7 @@ def assign_ranks(
             plan.predicted_error = error
         predicted_total += options[index].error
     planned = fixed_after + sum(options[index].cost for options, index in zip(choices, picks))
+    planned = _spend_leftover(solved, module, profiles, metric, budget, planned)
     return {
         "metric": metric,
         "fraction": fraction,

@@ -118,7 +118,7 @@ def materialize(data, example_input: torch.Tensor, batch_size: int, limit: int |
         if inputs.dim() != example_input.dim() or tuple(inputs.shape[1:2]) != expected[:1]:
             raise CompressorError(
                 f"{what}: batches of shape {tuple(inputs.shape)} do not fit the model input {tuple(example_input.shape)} "
-                f"(expected N,{','.join(map(str, expected))})"
+                f"(expected 4-d batches with {expected[0]} channels)"
             )
         if not torch.isfinite(inputs).all():
             raise CompressorError(f"{what}: a batch contains NaN or infinite values")
