@@ -7,7 +7,9 @@ parity fails); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import tempfile
 import sys
 import time
 import traceback
@@ -68,6 +70,26 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _staging_dir(out: Path) -> Path:
+    """An empty folder beside ``out`` (same file system, so publishing is a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as err:
+        raise CompressorError(f"cannot write beside the output folder {out}: {err.strerror or err}") from err
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move finished outputs into ``out``: one rename for a new folder, one replace per file into an
+    existing one (--force). An interrupted or failed run therefore never leaves a partial ``out``."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    for produced in sorted(staging.iterdir()):
+        os.replace(produced, out / produced.name)
+    staging.rmdir()
+
+
 def _dataset(path: str | None, shape: tuple[int, ...], recipe):
     if path is None:
         return None
@@ -98,16 +120,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print("dry run: nothing written")
         return 0
     result = compress(model, recipe, example_input, data=data, eval_data=eval_data)
-    fresh = not out.exists()
+    staging = _staging_dir(out)
     try:
-        result.save(out)
+        result.save(staging, final_dir=out)
     except ParityError:
+        _publish(staging, out)  # the outputs are complete; report.json says why they failed
         render_summary(result.report, console)
         raise
     except BaseException:
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)  # never leave a half-written folder we created
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+    _publish(staging, out)
     render_summary(result.report, console)
     console.print(f"wrote {', '.join(OUTPUT_FILES)} to {out}/ in {time.perf_counter() - started:.1f}s")
     return 0

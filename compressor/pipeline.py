@@ -207,10 +207,12 @@ class Result:
             )
         return result
 
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, *, final_dir: str | Path | None = None) -> Path:
         """Write compressed.pt, original.onnx, compressed.onnx and report.json into ``out_dir``.
 
         report.json is written even when parity fails, so the numbers are there to inspect.
+        ``final_dir``: where the files will be moved afterwards (the CLI writes into a staging
+        folder); report.json records the ONNX paths there.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +227,11 @@ class Result:
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
         finally:
             self.report.setdefault("seconds", {})["save_and_verify"] = time.perf_counter() - started
+            onnx = self.report.get("onnx")
+            if final_dir is not None and onnx:
+                for key in ("original", "compressed"):
+                    if onnx.get(key):
+                        onnx[key] = str(Path(final_dir) / Path(onnx[key]).name)
             (out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
         return out
 

@@ -552,3 +552,23 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path, tiny_state_dict, mak
                    "--out", tmp_path / "out", model)
     assert_one_line_error(proc, 2, *needles)
     assert not (tmp_path / "out").exists(), "a failed run left an output folder"
+
+
+def test_a_failed_save_leaves_no_output_and_no_staging_folder(tmp_path, tiny_state_dict, monkeypatch, capsys):
+    from compressor import cli
+    from compressor.errors import ExportError
+    from compressor.pipeline import Result
+
+    model = tmp_path / "model.pt"
+    torch.save(tiny_state_dict, model)
+
+    def failing_export(self, path, *, original_path=None):
+        Path(path).write_bytes(b"half an onnx file")
+        raise ExportError("simulated exporter crash")
+
+    monkeypatch.setattr(Result, "export_onnx", failing_export)
+    code = cli.main(["--recipe", str(LOSSLESS), "--arch", ARCH, "--input-shape", SHAPE, "--out", str(tmp_path / "out"), str(model)])
+    assert code == 2, capsys.readouterr()
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == ["model.pt"], f"a failed run left {leftovers}"
+    assert "simulated exporter crash" in capsys.readouterr().err
