@@ -84,6 +84,18 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], p
     return model
 
 
+def _wanted_classes(path: Path, shown: int = 6) -> str:
+    """`` that import a.B, c.D and 3 more`` from the checkpoint's pickle, without running it ('' if unreadable)."""
+    try:
+        wanted = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # an older torch, or a pickle too odd to scan: the rest of the message still holds
+        return ""
+    if not wanted:
+        return ""
+    more = f" and {len(wanted) - shown} more" if len(wanted) > shown else ""
+    return " that import " + ", ".join(wanted[:shown]) + more
+
+
 def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model: bool = False) -> nn.Module:
     """Load a model file for compression, in eval mode on the CPU.
 
@@ -110,8 +122,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
             raise ModelLoadError(f"cannot read {path} as a PyTorch file: {describe_error(err)}") from err
         if not trust_model:
             raise ModelLoadError(
-                f"{path} holds pickled Python objects (such as a whole nn.Module), and loading it would run code "
-                "from the file; pass --trust-model if you trust it, or use a safe alternative: save "
+                f"{path} holds pickled Python objects (such as a whole nn.Module){_wanted_classes(path)}, and "
+                "loading it would run code from the file; pass --trust-model if you trust it, or use a safe alternative: save "
                 "model.state_dict() and pass --arch MODULE:CALLABLE, or call compressor.compress(model, ...) "
                 "from Python on a model you build yourself"
             ) from err
