@@ -128,6 +128,20 @@ def materialize(data, example_input: torch.Tensor, batch_size: int, limit: int |
     return batches
 
 
+def _check_finite_weights(model: nn.Module) -> None:
+    """Refuse NaN/inf parameters and buffers up front: every decomposition would fail on them, later and
+    less clearly, and a model that computes NaN cannot be verified."""
+    broken = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                broken.append(f"{name} ({bad} of {tensor.numel()})")
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise CompressorError(f"the model's weights contain NaN or infinite values: {', '.join(broken[:5])}{more}")
+
+
 def plan(
     model: nn.Module,
     recipe: Recipe | dict | str | Path,
@@ -141,6 +155,7 @@ def plan(
     collected first, and spectral ranks (energy, vbmf) and the budget's errors are data-aware.
     """
     recipe = load_recipe(recipe)
+    _check_finite_weights(model)
     working = copy.deepcopy(model).eval()
     traced = trace(working)
     profiles = _profile(traced.module, example_input)

@@ -386,3 +386,19 @@ def test_degenerate_cp_falls_back_to_tucker_at_no_more_macs(monkeypatch):
     assert "degenerated" in layer["note"] and "Tucker-2" in layer["note"], layer
     assert layer["macs_after"] <= 0.3 * layer["macs_before"], layer
     assert isinstance(result.model.get_submodule("layer1.0.conv1"), nn.Sequential)
+
+
+def test_a_model_without_conv2d_is_a_clear_error():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(CompressorError, match="no nn.Conv2d layer: nothing to compress"):
+        compressor.compress(model, _lossless("spatial_separable", 1), torch.randn(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_by_name(bad):
+    model, x = _build("resnet20_cifar")
+    with torch.no_grad():
+        model.layer2[1].conv1.weight[0, 0, 0, 0] = bad
+        model.layer2[1].conv1.weight[1, 0, 0, 0] = bad
+    with pytest.raises(CompressorError, match=r"NaN or infinite values: layer2\.1\.conv1\.weight \(2 of 9216\)"):
+        compressor.compress(model, _lossless("spatial_separable", 1), x)

@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import RecipeError
+from compressor.errors import CompressorError, RecipeError
 from compressor.methods import METHODS, conv_macs, conv_params
 from compressor.profile import LayerProfile
 
@@ -107,6 +107,10 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     that applies to no layer.
     """
     convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        functional = len(_functional_entries(module))
+        extra = f" (only {functional} functional F.conv2d call(s), which have no module to replace)" if functional else ""
+        raise CompressorError(f"the model has no nn.Conv2d layer{extra}: nothing to compress")
     applied = [0] * len(recipe.rules)
     selected = [0] * len(recipe.rules)
     plans = []
