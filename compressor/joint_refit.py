@@ -46,7 +46,7 @@ def collect_patch_statistics(
     """One pass: patches of ``name``'s input in ``working`` against its output in ``original``."""
     target_conv, input_conv = original.get_submodule(name), working.get_submodule(name)
     extractor = layers.build_patch_extractor(
-        conv, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+        conv, conv.kernel_size, stride=conv.stride, padding=layers.factor_padding(conv), dilation=conv.dilation
     )
     size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
     gram = torch.zeros(size, size, dtype=torch.float64)

@@ -74,7 +74,7 @@ def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwis
             conv,
             depthwise,
             stride=conv.stride,
-            padding=conv.padding,
+            padding=factor_padding(conv),
             dilation=conv.dilation,
             groups=conv.in_channels,
         ),
@@ -82,8 +82,33 @@ def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwis
     )
 
 
-def _axis_padding(padding: _Pair | str, axis: int) -> _Pair | str:
-    """Padding of the original along one axis only; 'same'/'valid' stay strings (they are per axis)."""
+def factor_padding(conv: nn.Conv2d) -> _Pair | str:
+    """The original's padding, with 'same' spelled out as numbers wherever it is symmetric.
+
+    Same output, but exported to ONNX as explicit pads instead of ``auto_pad=SAME_UPPER``, which
+    ONNX Runtime refuses together with dilation. An asymmetric 'same' (odd ``d*(k-1)``) stays a
+    string: only it can express the extra pad on one side.
+    """
+    if conv.padding != "same":
+        return conv.padding
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(total % 2 for total in totals):
+        return "same"
+    return (totals[0] // 2, totals[1] // 2)
+
+
+def _axis_padding(conv: nn.Conv2d, axis: int) -> _Pair | str:
+    """Padding of the original along one axis only, for a factor whose kernel spans only that axis.
+
+    'same' becomes numbers when that axis' padding is symmetric (see :func:`factor_padding`); it
+    stays 'same' otherwise, which for a (k x 1) or (1 x k) factor pads only along its own axis.
+    """
+    padding = conv.padding
+    if padding == "same":
+        total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+        if total % 2:
+            return "same"
+        return (total // 2, 0) if axis == 0 else (0, total // 2)
     if isinstance(padding, str):
         return padding
     return (padding[0], 0) if axis == 0 else (0, padding[1])
@@ -97,12 +122,12 @@ def build_spatial_separable(conv: nn.Conv2d, vertical: torch.Tensor, horizontal:
     """
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     return nn.Sequential(
-        _make_conv(conv, vertical, stride=(sh, 1), padding=_axis_padding(conv.padding, 0), dilation=(dh, 1)),
+        _make_conv(conv, vertical, stride=(sh, 1), padding=_axis_padding(conv, 0), dilation=(dh, 1)),
         _make_conv(
             conv,
             horizontal,
             stride=(1, sw),
-            padding=_axis_padding(conv.padding, 1),
+            padding=_axis_padding(conv, 1),
             dilation=(1, dw),
             bias=_original_bias(conv),
         ),
@@ -118,7 +143,7 @@ def build_grouped(
     """
     return nn.Sequential(
         _make_conv(conv, first[:, :, None, None]),
-        _make_conv(conv, core, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=groups),
+        _make_conv(conv, core, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation, groups=groups),
         _make_conv(conv, last[:, :, None, None], bias=_original_bias(conv)),
     )
 
@@ -141,7 +166,7 @@ def build_cp(
             conv,
             vertical[:, None, :, None],
             stride=(sh, 1),
-            padding=_axis_padding(conv.padding, 0),
+            padding=_axis_padding(conv, 0),
             dilation=(dh, 1),
             groups=rank,
         ),
@@ -149,7 +174,7 @@ def build_cp(
             conv,
             horizontal[:, None, None, :],
             stride=(1, sw),
-            padding=_axis_padding(conv.padding, 1),
+            padding=_axis_padding(conv, 1),
             dilation=(1, dw),
             groups=rank,
         ),
@@ -216,14 +241,14 @@ def patch_extractor_for(conv: nn.Conv2d, statistic: str) -> nn.Conv2d | None:
         return None
     if statistic == "channel_patches":
         return build_patch_extractor(
-            conv, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+            conv, conv.kernel_size, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation
         )
     if statistic == "column_patches":
         return build_patch_extractor(
             conv,
             (conv.kernel_size[0], 1),
             stride=(conv.stride[0], 1),
-            padding=_axis_padding(conv.padding, 0),
+            padding=_axis_padding(conv, 0),
             dilation=(conv.dilation[0], 1),
         )
     raise ValueError(f"Expected a statistic in channels, channel_patches, column_patches, got {statistic!r}")
