@@ -71,13 +71,23 @@ def example_input_for(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
 
 
 def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerProfile]:
+    entered: list[str] = []  # modules whose forward started and has not returned: the innermost failed
+    handles = []
+    for name, child in module.named_modules():
+        if name:
+            handles.append(child.register_forward_pre_hook(lambda *_, name=name: entered.append(name)))
+            handles.append(child.register_forward_hook(lambda *_, name=name: entered.pop() if entered and entered[-1] == name else None))
     try:
         return profile_model(module, example_input)
     except Exception as err:
+        where = f" in {entered[-1]} ({type(module.get_submodule(entered[-1])).__name__})" if entered else ""
         raise CompressorError(
-            f"the model's forward failed on an input of shape {tuple(example_input.shape)}: "
+            f"the model's forward failed{where} on an input of shape {tuple(example_input.shape)}: "
             f"{describe_error(err)} (set the input shape with --input-shape N,C,H,W)"
         ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -402,3 +402,10 @@ def test_weights_with_nan_or_inf_are_refused_by_name(bad):
         model.layer2[1].conv1.weight[1, 0, 0, 0] = bad
     with pytest.raises(CompressorError, match=r"NaN or infinite values: layer2\.1\.conv1\.weight \(2 of 9216\)"):
         compressor.compress(model, _lossless("spatial_separable", 1), x)
+
+
+def test_a_forward_that_fails_names_the_layer_and_the_shape():
+    model, _ = _build("resnet20_cifar")
+    wrong = torch.randn(1, 4, 32, 32)  # four channels into a three-channel stem
+    with pytest.raises(CompressorError, match=r"forward failed in conv1 \(Conv2d\) on an input of shape \(1, 4, 32, 32\)"):
+        compressor.compress(model, _lossless("spatial_separable", 1), wrong)
