@@ -72,11 +72,25 @@ def example_input_for(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
 
 def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerProfile]:
     entered: list[str] = []  # modules whose forward started and has not returned: the innermost failed
+
+    def enter(name: str):
+        def hook(*_) -> None:
+            entered.append(name)
+
+        return hook
+
+    def leave(name: str):
+        def hook(*_) -> None:  # must return None: a forward hook's return value replaces the output
+            if entered and entered[-1] == name:
+                entered.pop()
+
+        return hook
+
     handles = []
     for name, child in module.named_modules():
         if name:
-            handles.append(child.register_forward_pre_hook(lambda *_, name=name: entered.append(name)))
-            handles.append(child.register_forward_hook(lambda *_, name=name: entered.pop() if entered and entered[-1] == name else None))
+            handles.append(child.register_forward_pre_hook(enter(name)))
+            handles.append(child.register_forward_hook(leave(name)))
     try:
         return profile_model(module, example_input)
     except Exception as err:
