@@ -14,7 +14,7 @@ Classification and Detection", TPAMI 2016):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +144,20 @@ def _captured_calls(model: nn.Module, module: nn.Module, batch: torch.Tensor, ca
     return seen
 
 
+def paired_calls(
+    original: nn.Module, working: nn.Module, name: str, calls: int, batches: Batches
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per batch and call of conv ``name``: (its output in ``original``, its input in ``working``,
+    the batch size, given with the first call of each batch only and 0 after)."""
+    target_conv, input_conv = original.get_submodule(name), working.get_submodule(name)
+    with torch.no_grad():
+        for batch in batches():
+            targets = _captured_calls(original, target_conv, batch, calls, output=True)
+            inputs = _captured_calls(working, input_conv, batch, calls, output=False)
+            for index, (target, hidden) in enumerate(zip(targets, inputs)):
+                yield target, hidden, batch.shape[0] if index == 0 else 0
+
+
 @dataclass
 class Refit:
     """Calibration output error of a stack before and after the refit (relative to the original output)."""
@@ -183,8 +197,6 @@ def refit_last_factor_(
     stack's last-factor inputs computed from the working network's activations. The new weights are
     kept only if they lower the calibration error, so the refit can never make it worse.
     """
-    target_conv = original.get_submodule(name)
-    input_conv = working.get_submodule(name)
     head, last = stack[:-1], stack[-1]
     extractor = _last_factor_patches(last)
     with_bias = last.bias is not None
@@ -193,19 +205,16 @@ def refit_last_factor_(
     cross = torch.zeros(last.out_channels, size, dtype=torch.float64)
     energy, samples = 0.0, 0
     with torch.no_grad():
-        for batch in batches():
-            targets = _captured_calls(original, target_conv, batch, calls, output=True)
-            inputs = _captured_calls(working, input_conv, batch, calls, output=False)
-            samples += batch.shape[0]
-            for target, hidden in zip(targets, inputs):
-                features = head(hidden)
-                patches = _columns(features if extractor is None else extractor(features))
-                if with_bias:
-                    patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=torch.float64)])
-                wanted = _columns(target)
-                gram += (patches @ patches.T).cpu()
-                cross += (wanted @ patches.T).cpu()
-                energy += float((wanted**2).sum())
+        for target, hidden, batch_size in paired_calls(original, working, name, calls, batches):
+            samples += batch_size
+            features = head(hidden)
+            patches = _columns(features if extractor is None else extractor(features))
+            if with_bias:
+                patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=torch.float64)])
+            wanted = _columns(target)
+            gram += (patches @ patches.T).cpu()
+            cross += (wanted @ patches.T).cpu()
+            energy += float((wanted**2).sum())
     current = last.weight.detach().reshape(last.out_channels, -1).to(torch.float64).cpu()
     if with_bias:
         current = torch.cat([current, last.bias.detach().to(torch.float64).cpu()[:, None]], dim=1)

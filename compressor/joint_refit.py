@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compressor import layers
-from compressor.calibrate import Batches, Refit, _captured_calls
+from compressor.calibrate import Batches, Refit, paired_calls
 
 _RIDGE = 1e-6
 
@@ -44,7 +44,6 @@ def collect_patch_statistics(
     original: nn.Module, working: nn.Module, name: str, conv: nn.Conv2d, calls: int, batches: Batches
 ) -> PatchStatistics:
     """One pass: patches of ``name``'s input in ``working`` against its output in ``original``."""
-    target_conv, input_conv = original.get_submodule(name), working.get_submodule(name)
     extractor = layers.build_patch_extractor(
         conv, conv.kernel_size, stride=conv.stride, padding=layers.factor_padding(conv), dilation=conv.dilation
     )
@@ -53,19 +52,16 @@ def collect_patch_statistics(
     cross = torch.zeros(size, conv.out_channels, dtype=torch.float64)
     energy, samples = 0.0, 0
     with torch.no_grad():
-        for batch in batches():
-            targets = _captured_calls(original, target_conv, batch, calls, output=True)
-            inputs = _captured_calls(working, input_conv, batch, calls, output=False)
-            samples += batch.shape[0]
-            for target, hidden in zip(targets, inputs):
-                for part_target, part_hidden in zip(target.split(16), hidden.split(16)):
-                    patches = extractor(part_hidden)
-                    columns = patches.transpose(0, 1).reshape(size - 1, -1).to(torch.float64)
-                    columns = torch.cat([columns, torch.ones(1, columns.shape[1], dtype=torch.float64)])
-                    wanted = part_target.transpose(0, 1).reshape(conv.out_channels, -1).to(torch.float64)
-                    gram += (columns @ columns.T).cpu()
-                    cross += (columns @ wanted.T).cpu()
-                    energy += float((wanted**2).sum())
+        for target, hidden, batch_size in paired_calls(original, working, name, calls, batches):
+            samples += batch_size
+            for part_target, part_hidden in zip(target.split(16), hidden.split(16)):
+                patches = extractor(part_hidden)
+                columns = patches.transpose(0, 1).reshape(size - 1, -1).to(torch.float64)
+                columns = torch.cat([columns, torch.ones(1, columns.shape[1], dtype=torch.float64)])
+                wanted = part_target.transpose(0, 1).reshape(conv.out_channels, -1).to(torch.float64)
+                gram += (columns @ columns.T).cpu()
+                cross += (columns @ wanted.T).cpu()
+                energy += float((wanted**2).sum())
     return PatchStatistics(gram, cross, energy, samples)
 
 
