@@ -10,7 +10,7 @@ from torch import nn
 from compressor import decompose
 from compressor.decompose.whiten import whitening
 from compressor.methods import METHODS, factorize
-from compressor.profile import CallShape
+from compressor.profile import CallShape, profile_model, totals
 
 cp_module = importlib.import_module("compressor.decompose.cp")  # `compressor.decompose.cp` is the function
 cp_full_rank = cp_module.cp_full_rank
@@ -79,21 +79,8 @@ def test_full_rank_formula_is_exact_in_float64(shape):
 
 
 def _count_macs(stack: nn.Sequential, x: torch.Tensor) -> int:
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        kh, kw = module.kernel_size
-        total += (module.in_channels // module.groups) * kh * kw * output[0].numel()
-
-    handles = [m.register_forward_hook(hook) for m in stack if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            stack(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total  # output[0] is one sample: MACs per sample, as profile.py counts
+    """MACs per sample of one forward, counted by the same hooks the pipeline's totals use."""
+    return totals(profile_model(stack, x))["macs"]
 
 
 @pytest.mark.parametrize(

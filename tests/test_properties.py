@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compressor.methods import METHODS, conv_macs, factorize
-from compressor.profile import CallShape
+from compressor.profile import CallShape, profile_model, totals
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -57,19 +57,8 @@ def _usable(method, conv) -> bool:
 
 
 def _counted_macs(stack: nn.Sequential, inputs: torch.Tensor) -> int:
-    total = 0
-
-    def count(module, args, output):
-        nonlocal total
-        kh, kw = module.kernel_size
-        total += (module.in_channels // module.groups) * kh * kw * output[0].numel()
-
-    handles = [m.register_forward_hook(count) for m in stack if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        stack(inputs[:1])
-    for handle in handles:
-        handle.remove()
-    return total
+    """MACs per sample of one forward, counted by the same hooks the pipeline's totals use."""
+    return totals(profile_model(stack, inputs[:1]))["macs"]
 
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
