@@ -7,6 +7,10 @@ whitened residuals for methods without a closed form), the relative weight error
 are squared before summing: a layer's squared relative error is the fraction of its output energy
 replaced by noise, and independent noise adds in energy. The multiple-choice knapsack
 (:func:`compressor.budget.solve`) then picks one candidate per layer, never above the budget.
+
+With ``target: {latency: f}`` a candidate's cost is its measured single-layer ONNX Runtime time
+(:mod:`compressor.latency`, which also defines what the fraction is of); only timed ranks are
+candidates there (:data:`compressor.latency.LATENCY_CANDIDATES` per method and layer).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from compressor.budget import Candidate, minimum_cost, solve
+from compressor.latency import LATENCY_CANDIDATES
 from compressor.calibrate import LayerStatistics
 from compressor.decompose.whiten import Whitening
 from compressor.errors import RankError
@@ -36,13 +41,17 @@ def whitening_for(method: Method, statistics: LayerStatistics | None) -> Whiteni
     return statistics.whitening(method.statistic)
 
 
-def _cost(metric: str, method: Method, conv: nn.Conv2d, profile: LayerProfile, rank: int, groups: int) -> int:
+def _cost(metric: str, method: Method, conv: nn.Conv2d, profile: LayerProfile, rank: int, groups: int, latency=None) -> float:
     if metric == "macs":
         return method.macs(conv, profile.calls, rank, groups)
+    if metric == "latency":
+        return latency.candidate(method, conv, profile.calls, rank, groups)
     return method.params(conv, rank, groups)
 
 
-def _original_cost(metric: str, conv: nn.Conv2d, profile: LayerProfile) -> int:
+def _original_cost(metric: str, conv: nn.Conv2d, profile: LayerProfile, latency=None) -> float:
+    if metric == "latency":
+        return latency.original(conv, profile.calls)
     return conv_macs(conv, profile.calls) if metric == "macs" else conv_params(conv)
 
 
@@ -66,13 +75,13 @@ def _fixed_rank(plan: LayerPlan, rule, conv, profile, statistics) -> None:
         method, conv, profile.calls, rule.rank, plan.groups, plan.name, round_to=plan.round_to, whitening=whitening
     )
     _set_choice(plan, method, conv, profile, rank)
-    plan.note = note
+    plan.add_note(note)
     if method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None:
         plan.predicted_error = method.predicted_errors(conv, [rank], plan.groups, whitening)[0]
 
 
-def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics) -> list[Candidate]:
-    original = _original_cost(metric, conv, profile)
+def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics, latency=None) -> list[Candidate]:
+    original = _original_cost(metric, conv, profile, latency)
     keep_allowed = "keep" in plan.choices
     found = [Candidate(original, 0.0, ("keep", None, None))] if keep_allowed else []
     for name in plan.choices:
@@ -81,15 +90,23 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics) -> list
         method = METHODS[name]
         whitening = whitening_for(method, statistics)
         ranks = allowed_ranks(method, conv, plan.groups, plan.round_to)
-        if keep_allowed:  # a rewrite that costs more than the original never beats keeping it
-            ranks = [r for r in ranks if _cost(metric, method, conv, profile, r, plan.groups) < original] or ranks[:0]
         spectral = method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None
+        if metric == "latency":  # every rank timed is a session: time a spread, then filter
+            ranks = _spread(ranks, LATENCY_CANDIDATES)
+            costs = {r: _cost(metric, method, conv, profile, r, plan.groups, latency) for r in ranks}
+        else:
+            costs = None
+        if keep_allowed:  # a rewrite that costs more than the original never beats keeping it
+            ranks = [
+                r for r in ranks
+                if (costs[r] if costs else _cost(metric, method, conv, profile, r, plan.groups)) < original
+            ] or ranks[:0]
         ranks = _spread(ranks, SPECTRAL_CANDIDATES if spectral else ITERATIVE_CANDIDATES)
         if not ranks:
             continue
         errors = method.predicted_errors(conv, ranks, plan.groups, whitening)
         for rank, error in zip(ranks, errors):
-            cost = _cost(metric, method, conv, profile, rank, plan.groups)
+            cost = costs[rank] if costs else _cost(metric, method, conv, profile, rank, plan.groups)
             found.append(Candidate(cost, error**2, (name, rank, error)))
     return found
 
@@ -128,8 +145,11 @@ def assign_ranks(
     profiles: dict[str, LayerProfile],
     recipe,
     statistics: dict[str, LayerStatistics] | None = None,
+    latency=None,
 ) -> dict | None:
     """Fill in method, rank and costs of every rewriting plan; return the budget record, if any.
+
+    ``latency`` (a :class:`compressor.latency.LatencyCost`) is required for ``target: {latency: f}``.
 
     ``statistics`` (from :func:`compressor.calibrate.collect_statistics`) makes spectral ranks
     and the budget's errors data-aware. Raises ``RankError`` for a rank that does not fit and for a
@@ -144,21 +164,27 @@ def assign_ranks(
     if recipe.target is None:
         return None
     metric, fraction = recipe.target.metric, recipe.target.fraction
-    total = totals(profiles)[metric]
+    if metric == "latency":
+        if latency is None:
+            raise ValueError("target {latency: f} needs a latency cost model (compressor.latency.latency_cost_for)")
+        total, fixed_after, layer_ms = _latency_fixed(plans, solved, module, profiles, latency)
+    else:
+        total = totals(profiles)[metric]
+        fixed_after = total + sum(
+            (getattr(p, f"{metric}_after") or 0) - (getattr(p, f"{metric}_before") or 0) for p in plans if not p.choices
+        )
+        fixed_after -= sum(getattr(p, f"{metric}_before") for p in solved)
     budget = fraction * total
-    fixed_after = total + sum(
-        (getattr(p, f"{metric}_after") or 0) - (getattr(p, f"{metric}_before") or 0) for p in plans if not p.choices
-    )
-    fixed_after -= sum(getattr(p, f"{metric}_before") for p in solved)
     choices = [
-        _candidates(plan, module.get_submodule(plan.name), profiles[plan.name], metric, statistics.get(plan.name))
+        _candidates(plan, module.get_submodule(plan.name), profiles[plan.name], metric, statistics.get(plan.name), latency)
         for plan in solved
     ]
     reachable = fixed_after + (minimum_cost(choices) if choices else 0)
     if reachable > budget:
+        amount = (lambda v: f"{v:.3f} ms") if metric == "latency" else (lambda v: f"{int(v)} {metric}")
         raise RankError(
-            f"target {{{metric}: {fraction}}} asks for at most {int(budget)} {metric} of {total}, but the smallest "
-            f"reachable with these rules is {int(reachable)} ({reachable / max(total, 1):.3f} of the original); "
+            f"target {{{metric}: {fraction}}} asks for at most {amount(budget)} of {amount(total)}, but the smallest "
+            f"reachable with these rules is {amount(reachable)} ({reachable / max(total, 1e-12):.3f} of the original); "
             "raise the target or let more layers be rewritten"
         )
     picks = solve(choices, budget - fixed_after) if choices else []
@@ -176,15 +202,65 @@ def assign_ranks(
             plan.predicted_error = error
         predicted_total += options[index].error
     planned = fixed_after + sum(options[index].cost for options, index in zip(choices, picks))
-    planned = _spend_leftover(solved, module, profiles, metric, budget, planned)
-    return {
+    if metric != "latency":  # untimed ranks have no latency to spend against
+        planned = _spend_leftover(solved, module, profiles, metric, budget, planned)
+    record = {
         "metric": metric,
         "fraction": fraction,
         "budget": budget,
         "original": total,
         "planned": planned,
-        "planned_ratio": planned / max(total, 1),
+        "planned_ratio": planned / max(total, 1e-12) if metric == "latency" else planned / max(total, 1),
         "predicted_squared_error": predicted_total,
         "solved_layers": len(solved),
         "error_source": "calibration" if statistics else "weights",
+        "curves": _error_curves(solved, choices),
     }
+    if metric == "latency":
+        for plan, options, index in zip(solved, choices, picks):
+            layer_ms[plan.name]["after_ms"] = options[index].cost
+        record.update(
+            fixed_ms=total - sum(ms["before_ms"] for ms in layer_ms.values()),
+            layers_ms=layer_ms,
+            **latency.table.summary(),
+        )
+    return record
+
+
+#: How many of the solved layers (largest original cost first) get their error-vs-rank curve in the report.
+CURVE_LAYERS = 6
+
+
+def _error_curves(solved: Sequence[LayerPlan], choices: Sequence[Sequence[Candidate]]) -> list[dict]:
+    """Predicted error against rank per method, for the layers with the largest original cost."""
+    largest = sorted(zip(solved, choices), key=lambda pair: -(pair[0].macs_before or 0))[:CURVE_LAYERS]
+    curves = []
+    for plan, options in largest:
+        methods: dict[str, list] = {}
+        for option in options:
+            name, rank, error = option.label
+            if name != "keep":
+                methods.setdefault(name, []).append([rank, error, option.cost])
+        curves.append({"name": plan.name, "chosen": [plan.method, plan.rank], "methods": methods})
+    return curves
+
+
+def _latency_fixed(plans, solved, module, profiles, latency) -> tuple[float, float, dict]:
+    """End-to-end original ms, the ms outside the solved layers (fixed rewrites at their new cost),
+    and each timed layer's before/after ms."""
+    total = latency.model_ms
+    fixed_after = total
+    layer_ms: dict[str, dict] = {}
+    for plan in plans:
+        if not plan.choices and not plan.rewrites:
+            continue
+        conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+        before = latency.original(conv, profile.calls)
+        entry = {"before_ms": before, "solved": bool(plan.choices)}
+        if plan.choices:
+            fixed_after -= before
+        else:
+            entry["after_ms"] = latency.candidate(METHODS[plan.method], conv, profile.calls, plan.rank, plan.groups)
+            fixed_after += entry["after_ms"] - before
+        layer_ms[plan.name] = entry
+    return total, fixed_after, layer_ms

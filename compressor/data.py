@@ -518,6 +518,16 @@ class Dataset:
         order = rows[np.random.default_rng(seed).permutation(total)]
         return self._view(order[count:]), self._view(order[:count])
 
+    def take(self, positions: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The samples at ``positions`` (indices into this view's order) as one ``(inputs, labels)`` batch.
+
+        Random access for samplers (fine-tuning draws a fresh permutation every epoch); a callable's
+        samples are materialized on first use.
+        """
+        rows = self._rows()[np.asarray(positions, dtype=np.int64)]
+        data = self._data.materialize() if isinstance(self._data, _Stream) else self._data
+        return data.read(rows)
+
     def _rows(self) -> np.ndarray:
         """The rows of the random-access data, in order (materializes a callable's samples)."""
         if self._order is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ModelLoadError, describe_error
+from compressor.exported import is_exported_program, load_exported
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -26,6 +27,28 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _not_a_pytorch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file, read from its first bytes (``None``: it may be one)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return f"it is an incomplete zip archive ({size} bytes; truncated or corrupt)"
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+        return f"its zip archive is corrupt (first bad member {broken})" if broken else None
+    if head[:1] == b"\x80":  # a pickle protocol marker: the legacy torch.save format
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is neither a zip archive nor a pickle (it starts with bytes {head[:8].hex(' ')})"
+    return f"it is a text file (it starts with {text.splitlines()[0][:40]!r}), not a model saved with torch.save"
 
 
 def _as_state_dict(obj) -> Mapping[str, torch.Tensor] | None:
@@ -103,6 +126,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
       ``model``) needs ``arch`` (``MODULE:CALLABLE``) to build the module it belongs to;
     - a pickled ``nn.Module`` (``torch.save(model)``) holds code and is loaded only with
       ``trust_model=True``;
+    - a ``torch.export`` archive (``.pt2``) is loaded as its graph, refusing pickled members unless
+      ``trust_model=True`` (see :mod:`compressor.exported`);
     - TorchScript archives are refused: they cannot be rewritten.
     """
     path = Path(path)
@@ -110,6 +135,13 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
         raise ModelLoadError(f"model path is a directory, not a file: {path}")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
+    problem = _not_a_pytorch_file(path)
+    if problem:
+        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {problem}")
+    if is_exported_program(path):
+        if arch is not None:
+            raise ModelLoadError(f"{path} is a torch.export archive, which holds its own graph; --arch is only for state_dict files")
+        return load_exported(path, trust_model=trust_model)
     if _is_torchscript(path):
         raise ModelLoadError(
             f"{path} is a TorchScript archive, which cannot be rewritten; save the nn.Module instead "

@@ -20,14 +20,23 @@ from compressor.decompose import CPDegenerateError
 from compressor.errors import CompressorError, ParityError, describe_error
 from compressor.joint_refit import collect_patch_statistics, spatial_als_
 from compressor.evaluate import evaluate
+from compressor.exported import save_exported
+from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
-from compressor.passes import LayerPlan, Traced, plan_layers, rewrite_, swap_, trace
+from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, swap_, trace
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
 from compressor.report import layer_record, totals_record
+from compressor.report_md import FILES as REPORT_MD_FILES, write_report_md
+from compressor.bench import latency_step
+from compressor.latency import latency_cost_for
+from compressor.quantize import INT8_FILE, int8_step
 
-OUTPUT_FILES = ("compressed.pt", "original.onnx", "compressed.onnx", "report.json")
+#: Written beside OUTPUT_FILES when the input model was a torch.export archive.
+EXPORTED_PROGRAM_FILE = "compressed.pt2"
+#: Every file a run may write (which ones depend on the recipe: report.json lists them as ``files``).
+OUTPUT_FILES = ("compressed.pt", "original.onnx", "compressed.onnx", INT8_FILE, "report.json", *REPORT_MD_FILES)
 
 
 @dataclass
@@ -182,8 +191,12 @@ def plan(
     _check_finite_weights(model)
     working = copy.deepcopy(model).eval()
     traced = trace(working)
+    lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
     profiles = _profile(traced.module, example_input)
     layers = plan_layers(traced.module, recipe, profiles)
+    for layer in layers:
+        if layer.name in lifted:
+            layer.add_note("lifted into an nn.Conv2d from a functional conv call")
     calibration, statistics = None, {}
     if data is not None:
         settings = recipe.calibration
@@ -195,7 +208,10 @@ def plan(
             if kinds:
                 requests[layer.name] = kinds
         statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
-    target = assign_ranks(layers, traced.module, profiles, recipe, statistics)
+    latency = None
+    if recipe.target is not None and recipe.target.metric == "latency":
+        latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
+    target = assign_ranks(layers, traced.module, profiles, recipe, statistics, latency)
     return Plan(traced, layers, profiles, recipe, calibration, statistics, target)
 
 
@@ -209,6 +225,8 @@ class Result:
     example_input: torch.Tensor = field(repr=False)
     recipe: Recipe = field(repr=False)
     eval_batches: list[tuple] | None = field(default=None, repr=False)
+    #: Calibration input batches (static INT8 quantization calibrates on them).
+    calibration: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def export_onnx(self, path: str | Path, *, original_path: str | Path | None = None) -> onnx_export.Parity:
         """Export the compressed model (and optionally the original) and verify it in ONNX Runtime.
@@ -246,12 +264,13 @@ class Result:
             )
         return result
 
-    def save(self, out_dir: str | Path, *, final_dir: str | Path | None = None) -> Path:
+    def save(self, out_dir: str | Path, *, final_dir: str | Path | None = None, exported_program: bool = False) -> Path:
         """Write compressed.pt, original.onnx, compressed.onnx and report.json into ``out_dir``.
 
         report.json is written even when parity fails, so the numbers are there to inspect.
         ``final_dir``: where the files will be moved afterwards (the CLI writes into a staging
-        folder); report.json records the ONNX paths there.
+        folder); report.json records the ONNX paths there. ``exported_program``: also write
+        compressed.pt2, a ``torch.export`` archive (the safe format, for inputs that were one).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +282,16 @@ class Result:
                 f"cannot pickle the compressed model to {out / 'compressed.pt'}: {describe_error(err)}"
             ) from err
         try:
+            if exported_program:
+                rel = save_exported(self.model, self.example_input, out / EXPORTED_PROGRAM_FILE)
+                self.report["pt2"] = {"path": str(Path(final_dir or out) / EXPORTED_PROGRAM_FILE), "parity_rel": rel}
+                if not rel <= self.recipe.export.tolerance:
+                    raise ParityError(
+                        f"the reloaded {EXPORTED_PROGRAM_FILE} disagrees with the compressed model: relative error {rel:.3e}"
+                    )
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
+            int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
+            latency_step(self.report, self.recipe, out, int8_path)
         finally:
             self.report.setdefault("seconds", {})["save_and_verify"] = time.perf_counter() - started
             onnx = self.report.get("onnx")
@@ -271,6 +299,10 @@ class Result:
                 for key in ("original", "compressed"):
                     if onnx.get(key):
                         onnx[key] = str(Path(final_dir) / Path(onnx[key]).name)
+            written = [name for name in (*OUTPUT_FILES, EXPORTED_PROGRAM_FILE) if (out / name).exists()]
+            # report.md comes from the same numbers; on a failed verification it explains the failure.
+            written += write_report_md(self.report, out)
+            self.report["files"] = sorted({*written, "report.json"})
             (out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
         return out
 
@@ -326,7 +358,7 @@ def _factorize_layer(plan_: Plan, layer: LayerPlan, conv: nn.Conv2d) -> nn.Seque
         layer.method, layer.rank, layer.groups = "grouped", rank, 1
         layer.macs_after = tucker.macs(conv, profile.calls, rank, 1)
         layer.params_after = tucker.params(conv, rank, 1)
-        layer.note = f"{reason}; fell back to Tucker-2 (grouped, groups 1) at rank {rank}"
+        layer.add_note(f"{reason}; fell back to Tucker-2 (grouped, groups 1) at rank {rank}")
         stack, layer.weight_rel_error = factorize(tucker, conv, rank, 1, whitening_for(tucker, statistics))
         return stack
 
@@ -366,6 +398,8 @@ def compress(
     *,
     data: Iterable | None = None,
     eval_data: Iterable | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
 ) -> Result:
     """Rewrite the convs of ``model`` as ``recipe`` says and return the new model with its report.
 
@@ -376,23 +410,49 @@ def compress(
     initialization data-aware: whitened decompositions and least-squares refits. ``eval_data``
     (same forms) adds a ``metrics`` section comparing both models, in PyTorch and, after
     :meth:`Result.save`, in ONNX Runtime.
+
+    With a recipe ``finetune`` section and ``data``, the rewritten model is fine-tuned by distillation
+    from the original (see :mod:`compressor.finetune`) on ``device`` (default: CUDA when available),
+    held out on ``eval_data`` or else on a ``finetune.holdout`` part of ``data`` that calibration never
+    sees; ``progress`` shows its bar (default: on a terminal). Without ``data`` it is skipped and the
+    report says so.
     """
     started = time.perf_counter()
     recipe = load_recipe(recipe)
+    if recipe.export.quantize == "static" and data is None:
+        raise CompressorError("export.quantize: static calibrates activation ranges on data; pass --data (or use dynamic)")
+    tuning = recipe.finetune
+    holdout = eval_data
+    if tuning is not None and tuning.enabled and data is not None and eval_data is None:
+        # Calibration and training never see the held-out part, so its numbers are not flattered.
+        data, holdout = split_holdout(data, tuning.holdout, tuning.seed, example_input)
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
     layer_plan = plan(original, recipe, example_input, data=data)
     planned = time.perf_counter()
     replacements = _factorize_all(layer_plan)
     compressed = rewrite_(layer_plan.traced.module, replacements).eval()
+    finetuned = None
+    if tuning is not None:
+        if not tuning.enabled:
+            finetuned = {"skipped": "finetune.steps is 0"}
+        elif data is None:
+            finetuned = {"skipped": "no --data: fine-tuning needs training data"}
+        else:
+            finetuned = finetune(
+                compressed, original, tuning, data, holdout, example_input,
+                rewritten=list(replacements), device=device, progress=progress,
+            )
     report = layer_plan.report()
+    if finetuned is not None:
+        report["finetune"] = finetuned
     report["input_shape"] = list(example_input.shape)
     report["versions"] = _versions()
     report["recipe"] = layer_plan.recipe.model_dump(mode="json")
     # The plan profiled the traced copy before the rewrite: the same convs and MACs as the original.
     before, after = totals(layer_plan.profiles), totals(_profile(compressed, example_input))
     report["totals"] = totals_record(before, after)
-    if layer_plan.target is not None:
+    if layer_plan.target is not None and layer_plan.target["metric"] != "latency":  # latency: measured in save()
         metric = layer_plan.target["metric"]
         report["target"]["achieved"] = after[metric] / max(before[metric], 1)
     report["output_rel_error"] = _output_rel_error(original, compressed, onnx_export.parity_batch(example_input))
@@ -401,4 +461,6 @@ def compress(
         eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
         report["metrics"] = evaluate(original, compressed, eval_batches)
     report["seconds"] = {"plan": planned - started, "compress": time.perf_counter() - started}
-    return Result(compressed, report, original, example_input, layer_plan.recipe, eval_batches)
+    return Result(
+        compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration
+    )

@@ -18,7 +18,7 @@ A recipe is a YAML mapping validated by the pydantic models below::
         min_kernel_size: 3            # optional filter: kh >= n and kw >= n
         min_in_channels: 8            # optional filter
         min_out_channels: 8           # optional filter
-    target: {macs: 0.4}               # optional global budget: {macs: f} or {params: f}, 0 < f <= 1 of
+    target: {macs: 0.4}               # optional global budget: {macs: f}, {params: f} or {latency: f}, 0 < f <= 1 of
                                       # the whole model; rules without a fixed rank are solved together
     data:                             # optional: how uint8 images and image folders are normalized
       mean: [0.485, 0.456, 0.406]     # per channel, after /255 (default: ImageNet for 3 channels, else 0)
@@ -26,9 +26,23 @@ A recipe is a YAML mapping validated by the pydantic models below::
     calibration:                      # optional, used with --data
       samples: 512                    # images used for statistics and refits (default 512)
       batch_size: 64                  # (default 64)
+    finetune:                         # optional, needs --data: distillation from the original after the rewrite
+      max_minutes: 10                 # budget: steps (0 = off), epochs, max_minutes; whichever ends first
+      batch_size: 64                  # per process; optimizer adamw | sgd, lr, momentum, weight_decay, warmup
+      temperature: 4.0                # KL on softened logits; alpha mixes it with cross-entropy (labels)
+      feature_weight: 1.0             # match each rewritten layer's output to the original layer's
+      batchnorm: frozen               # frozen | train (re-estimate statistics); augment, holdout, evaluations, seed
     export:                           # optional
       opset: 17                       # int >= 17 (default 17)
       tolerance: 1.0e-4               # float > 0 (default 1e-4), relative Frobenius error ORT vs torch
+      quantize: none                  # none | dynamic | static (QDQ, per-channel, calibrated on --data)
+      int8_tolerance: 0.05            # max fraction of top-1 disagreement INT8 vs float compressed
+    bench:                            # optional: ONNX Runtime latency, original vs compressed
+      threads: [1, 0]                 # intra-op threads per measurement (0 = all cores); [] skips
+      runs: 50                        # timed runs per model and setting (0 skips), after warmup: 5
+      providers: [CPUExecutionProvider]
+      cache: ~/.cache/compressor/latency   # per-layer timings for target: {latency: f}
+      layer_runs: 20
 
 Entry points: :func:`load_recipe` (path, dict or ``Recipe``, plus ``--set KEY=VALUE`` overrides) and
 :func:`apply_overrides`. Every user error is raised as a single-line :class:`~compressor.errors.RecipeError`.
@@ -66,7 +80,9 @@ __all__ = [
     "METHODS",
     "REGEX_PREFIX",
     "ExportConfig",
+    "BenchConfig",
     "Calibration",
+    "FineTune",
     "DataConfig",
     "EnergyRank",
     "MacsRank",
@@ -333,6 +349,29 @@ class ExportConfig(BaseModel):
     opset: Annotated[int, Field(strict=True, ge=17)] = 17
     #: Max relative error ``||ort - torch||_F / ||torch||_F``.
     tolerance: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1e-4
+    #: INT8 copy of the compressed model (compressed.int8.onnx): none, dynamic (weights only, no data),
+    #: or static (QDQ, per-channel weights, activations calibrated on --data).
+    quantize: Literal["none", "dynamic", "static"] = "none"
+    #: Largest fraction of samples on which the INT8 model's top-1 may differ from the float compressed
+    #: model's; beyond it the run fails (exit 2).
+    int8_tolerance: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] = 0.05
+
+
+class BenchConfig(BaseModel):
+    """ONNX Runtime latency of original.onnx vs compressed.onnx (``runs: 0`` or ``threads: []`` skips it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Intra-op thread counts, one measurement each; 0 means onnxruntime's default (all cores).
+    threads: list[Annotated[int, Field(strict=True, ge=0)]] = Field(default_factory=lambda: [1, 0])
+    runs: Annotated[int, Field(strict=True, ge=0)] = 50
+    warmup: Annotated[int, Field(strict=True, ge=0)] = 5
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+    #: Folder of the per-layer latency cache used by ``target: {latency: f}`` (default
+    #: ``$XDG_CACHE_HOME/compressor/latency`` or ``~/.cache/compressor/latency``).
+    cache: Optional[str] = None
+    #: Timed runs per candidate layer for ``target: {latency: f}``.
+    layer_runs: Annotated[int, Field(strict=True, ge=1)] = 20
 
 
 class Target(BaseModel):
@@ -346,21 +385,23 @@ class Target(BaseModel):
 
     macs: Optional[_Fraction] = None
     params: Optional[_Fraction] = None
+    #: Measured ONNX Runtime latency (see compressor/latency.py for what the fraction is of).
+    latency: Optional[_Fraction] = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        given = [key for key in ("macs", "params") if getattr(self, key) is not None]
+        given = [key for key in ("macs", "params", "latency") if getattr(self, key) is not None]
         if len(given) != 1:
-            raise ValueError(f"expected exactly one of macs, params (0 < f <= 1); got {given or 'none'}")
+            raise ValueError(f"expected exactly one of macs, params, latency (0 < f <= 1); got {given or 'none'}")
         return self
 
     @property
     def metric(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return next(key for key in ("macs", "params", "latency") if getattr(self, key) is not None)
 
     @property
     def fraction(self) -> float:
-        return self.macs if self.macs is not None else self.params  # type: ignore[return-value]
+        return getattr(self, self.metric)
 
 
 class DataConfig(BaseModel):
@@ -396,6 +437,66 @@ class Calibration(BaseModel):
     batch_size: PositiveStrictInt = 64
 
 
+class FineTune(BaseModel):
+    """Brief distillation from the original model after the rewrite (see :mod:`compressor.finetune`).
+
+    The budget is ``steps``, ``epochs`` and/or ``max_minutes``, whichever ends first; at least one must be
+    set, and ``steps: 0`` turns fine-tuning off. ``max_minutes`` covers the whole step, evaluations included.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
+    epochs: Optional[_Positive] = None
+    max_minutes: Optional[_Positive] = None
+    #: Per process: under torchrun the global batch is ``batch_size x processes``.
+    batch_size: PositiveStrictInt = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    #: Peak learning rate; unset: 1e-3 for adamw, 1e-2 for sgd.
+    lr: Optional[_Positive] = None
+    momentum: Annotated[float, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)] = 0.9
+    weight_decay: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 1e-4
+    #: Fraction of the budget with a linear warmup before the cosine decay.
+    warmup: Annotated[float, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)] = 0.05
+    temperature: _Positive = 4.0
+    #: Weight of the distillation (KL) term against cross-entropy when labels exist; 1 ignores labels.
+    alpha: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] = 0.7
+    #: Weight of the per-layer term matching each rewritten layer's output to the original layer's.
+    feature_weight: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 1.0
+    #: ``frozen``: BatchNorm keeps the original running statistics; ``train``: they are re-estimated.
+    batchnorm: Literal["frozen", "train"] = "frozen"
+    #: Random crop (zero padding of 1/8 of the side) and horizontal flip; unset: on for 1- and 3-channel inputs.
+    augment: Optional[bool] = None
+    #: Held-out part of ``--data`` (a count, or a fraction < 1) when no ``--eval-data`` is given.
+    holdout: Union[int, float] = 0.1
+    #: Held-out evaluations spread over the budget; the best weights seen are kept.
+    evaluations: PositiveStrictInt = 10
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _check_holdout(cls, value: Any) -> Any:
+        if (_is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1):
+            return value
+        raise ValueError(f"expected a count >= 1 or a fraction 0 < f < 1 of --data; got {_short_repr(value)}")
+
+    @model_validator(mode="after")
+    def _needs_budget(self) -> FineTune:
+        if self.steps is None and self.epochs is None and self.max_minutes is None:
+            raise ValueError("set a budget: steps, epochs or max_minutes (whichever ends first; steps: 0 turns it off)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps != 0
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.optimizer == "adamw" else 1e-2
+
+
 class Recipe(BaseModel):
     """A validated recipe. Rules are ordered; the first rule that selects a layer wins."""
 
@@ -408,7 +509,10 @@ class Recipe(BaseModel):
     target: Optional[Target] = None
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: Calibration = Field(default_factory=Calibration)
+    #: Off unless set (it needs --data); see :class:`FineTune`.
+    finetune: Optional[FineTune] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @field_validator("name", "description", mode="before")
     @classmethod

@@ -52,7 +52,8 @@ def totals_record(before: dict[str, int], after: dict[str, int]) -> dict[str, fl
     }
 
 
-def _count(value: int | None) -> str:
+def format_count(value: int | None) -> str:
+    """``1.23M``-style counts for tables (``-`` for unknown)."""
     if value is None:
         return "-"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -76,10 +77,10 @@ def _layer_table(layers: Sequence[dict], title: str) -> Table:
             layer["method"],
             rank,
             kernel,
-            _count(layer["macs_before"]),
-            _count(layer["macs_after"]),
-            _count(layer["params_before"]),
-            _count(layer["params_after"]),
+            format_count(layer["macs_before"]),
+            format_count(layer["macs_after"]),
+            format_count(layer["params_before"]),
+            format_count(layer["params_after"]),
             error,
             output_error,
             note,
@@ -91,7 +92,7 @@ def render_plan(report: dict, console: Console) -> None:
     console.print(_layer_table(report["layers"], f"Plan ({report['graph']} graph)"))
     planned_before = sum(l["macs_before"] or 0 for l in report["layers"])
     planned_after = sum(l["macs_after"] or 0 for l in report["layers"])
-    console.print(f"conv MACs: {_count(planned_before)} -> {_count(planned_after)} (per sample)")
+    console.print(f"conv MACs: {format_count(planned_before)} -> {format_count(planned_after)} (per sample)")
     _render_init_and_target(report, console)
 
 
@@ -113,8 +114,8 @@ def render_summary(report: dict, console: Console) -> None:
     console.print(_layer_table(report["layers"], f"Layers ({report['graph']} graph)"))
     totals = report["totals"]
     console.print(
-        f"Totals (Conv2d + Linear, per sample): MACs {_count(totals['macs_before'])} -> {_count(totals['macs_after'])} "
-        f"(x{totals['macs_ratio']:.3f}), params {_count(totals['params_before'])} -> {_count(totals['params_after'])} "
+        f"Totals (Conv2d + Linear, per sample): MACs {format_count(totals['macs_before'])} -> {format_count(totals['macs_after'])} "
+        f"(x{totals['macs_ratio']:.3f}), params {format_count(totals['params_before'])} -> {format_count(totals['params_after'])} "
         f"(x{totals['params_ratio']:.3f})"
     )
     console.print(f"PyTorch output, compressed vs original: relative error {report['output_rel_error']:.3e}")
@@ -136,3 +137,35 @@ def render_summary(report: dict, console: Console) -> None:
             if values["accuracy_original"] is not None:
                 accuracy = f", accuracy {values['accuracy_original']:.4f} -> {values['accuracy_compressed']:.4f}"
             console.print(f"Eval ({label}) on {values['samples']} samples: top-1 agreement {values['agreement']:.4f}{accuracy}")
+    int8 = report.get("int8")
+    if int8:
+        console.print(
+            f"INT8 ({int8['mode']}) {'PASS' if int8['passed'] else 'FAIL'}: top-1 agreement with the float compressed model "
+            f"{int8['agreement_with_float']:.4f} on {int8['samples']} samples ({int8['checked_on']})"
+        )
+    for record in report.get("latency") or ():
+        threads = "all" if record["threads"] == 0 else record["threads"]
+        int8_text = f", INT8 {record['int8_ms']:.2f} ms (x{record['int8_speedup']:.2f})" if "int8_ms" in record else ""
+        console.print(
+            f"Latency (ONNX Runtime, {threads} threads, batch {record['batch']}, median): {record['original_ms']:.2f} ms -> "
+            f"{record['compressed_ms']:.2f} ms (x{record['speedup']:.2f}){int8_text}"
+        )
+    _render_finetune(report.get("finetune"), console)
+
+
+def _render_finetune(tuned: dict | None, console: Console) -> None:
+    if not tuned:
+        return
+    if "skipped" in tuned:
+        console.print(f"fine-tune skipped: {tuned['skipped']}")
+        return
+    before, after = tuned["before"], tuned["after"]
+    accuracy = ""
+    if after["accuracy_compressed"] is not None:
+        accuracy = f", accuracy {before['accuracy_compressed']:.4f} -> {after['accuracy_compressed']:.4f} (original {after['accuracy_original']:.4f})"
+    console.print(
+        f"fine-tune: {tuned['steps']} steps ({tuned['epochs']:.1f} epochs) in {tuned['seconds']:.1f}s on {tuned['device']}"
+        f"{' x' + str(tuned['world_size']) if tuned['world_size'] > 1 else ''}, stopped by {tuned['stopped_by']}, "
+        f"{tuned['images_per_second']:.0f} img/s; held-out ({after['samples']}) agreement {before['agreement']:.4f} -> "
+        f"{after['agreement']:.4f}{accuracy}; best weights from step {tuned['best_step']}"
+    )

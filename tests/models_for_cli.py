@@ -105,3 +105,9 @@ class Tripwire:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def linear_only() -> nn.Module:
+    """A model without any convolution."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()

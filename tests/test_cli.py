@@ -44,6 +44,8 @@ ONNX_KEYS = ("original", "compressed", "parity_max_abs", "parity_rel")
 EXACT = 1e-5  # a full-rank rewrite is exact up to float32 round-off
 PARITY = 1e-4  # the lossless recipe's export.tolerance
 WARNING_PREFIX = "compress: warning:"
+#: What a lossless run writes (no INT8, no budget plot); a subset of OUTPUT_FILES, listed in report.json.
+LOSSLESS_FILES = ("compressed.pt", "original.onnx", "compressed.onnx", "report.json", "report.md", "macs.png", "latency.png")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -127,9 +129,10 @@ def onnx_conv_count(path: Path) -> int:
 def check_successful_run(proc: subprocess.CompletedProcess, out: Path, method: str, groups: int = 1) -> dict:
     """Everything a successful lossless run must leave behind; returns report.json."""
     assert proc.returncode == 0, shown(proc)
-    for name in OUTPUT_FILES:
+    for name in LOSSLESS_FILES:
         assert (out / name).is_file(), f"{name} missing from {out}: {sorted(p.name for p in out.iterdir())}"
     report = json.loads((out / "report.json").read_text())
+    assert report["files"] == sorted(LOSSLESS_FILES) and set(LOSSLESS_FILES) <= set(OUTPUT_FILES), report["files"]
 
     assert report["graph"] == "fx", f"graph {report['graph']!r}, trace_error {report.get('trace_error')!r}"
     assert report["output_rel_error"] < EXACT, f"output_rel_error {report['output_rel_error']:.3e} >= {EXACT}"
@@ -323,7 +326,7 @@ def test_default_output_folder_is_model_stem_dot_compressed(runs, model_files):
     siblings = sorted(p.name for p in model.parent.iterdir())
     assert siblings == ["model.compressed", "model.pt"], f"x/ holds {siblings}"
     assert out == model.parent / "model.compressed"
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES), sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(LOSSLESS_FILES), sorted(p.name for p in out.iterdir())
 
 
 def test_stdout_has_summary_table(runs):
@@ -432,7 +435,7 @@ def test_force_writes_into_non_empty_out(runs):
     out = folder / "out"
     assert proc.returncode == 0, shown(proc)
     assert (out / "notes.txt").read_text() == "keep me\n", "--force touched an unrelated file"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*LOSSLESS_FILES, "notes.txt"])
     check_successful_run(proc, out, "depthwise_separable")
 
 

@@ -28,7 +28,7 @@ from compressor.recipe import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RULE_KEYS = "match, method, rank, round_to, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
-TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, export"
+TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, finetune, export, bench"
 METHOD_NAMES = ("depthwise_separable", "spatial_separable", "grouped", "cp", "keep")
 RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
@@ -651,16 +651,17 @@ def test_target_accepted(target: Any, metric: str, fraction: float) -> None:
 
 
 BAD_TARGETS = [
-    pytest.param({}, ["recipe: target: expected exactly one of macs, params (0 < f <= 1); got none"], id="empty"),
-    pytest.param({"macs": None}, ["recipe: target: expected exactly one of macs, params", "got none"], id="macs-none"),
+    pytest.param({}, ["recipe: target: expected exactly one of macs, params, latency (0 < f <= 1); got none"], id="empty"),
+    pytest.param({"macs": None}, ["recipe: target: expected exactly one of macs, params, latency", "got none"], id="macs-none"),
     pytest.param(
         {"macs": 0.5, "params": 0.5},
-        ["recipe: target: expected exactly one of macs, params (0 < f <= 1); got ['macs', 'params']"],
+        ["recipe: target: expected exactly one of macs, params, latency (0 < f <= 1); got ['macs', 'params']"],
         id="both",
     ),
-    pytest.param({"latency": 0.5}, ["recipe: unknown key 'latency' at target; allowed: macs, params"], id="latency"),
+    pytest.param({"seconds": 0.5}, ["recipe: unknown key 'seconds' at target; allowed: macs, params, latency"], id="seconds"),
+    pytest.param({"latency": 0}, ["recipe: target.latency:", "greater than 0", "got 0"], id="latency-0"),
     pytest.param(
-        {"macs": 0.5, "energy": 0.9}, ["unknown key 'energy' at target; allowed: macs, params"], id="energy-key"
+        {"macs": 0.5, "energy": 0.9}, ["unknown key 'energy' at target; allowed: macs, params, latency"], id="energy-key"
     ),
     pytest.param({"macs": 0}, ["recipe: target.macs:", "greater than 0", "got 0"], id="macs-0"),
     pytest.param({"macs": 1.5}, ["recipe: target.macs:", "less than or equal to 1", "got 1.5"], id="macs-1.5"),
@@ -833,8 +834,8 @@ BAD_NEW_OVERRIDES = [
         id="calibration-unknown",
     ),
     pytest.param(
-        "target.latency=0.5",
-        ["--set target.latency=0.5: 'latency' is not a recipe key under target; allowed: macs, params"],
+        "target.seconds=0.5",
+        ["--set target.seconds=0.5: 'seconds' is not a recipe key under target; allowed: macs, params, latency"],
         id="target-unknown",
     ),
     pytest.param(
@@ -1272,3 +1273,32 @@ def test_shipped_recipes_load(path: Path | None) -> None:
         pytest.skip(f"no recipes shipped in {REPO / 'recipes'}")
     r = load_recipe(path)
     assert r.rules, f"{path} has no rules"
+
+
+# ------------------------------------------------------------------ bench, export.quantize, target.latency
+
+
+def test_bench_and_quantize_defaults_and_latency_target():
+    got = load_recipe({**BASE, "target": {"latency": 0.5}})
+    assert (got.target.metric, got.target.fraction) == ("latency", 0.5)
+    assert (got.bench.threads, got.bench.runs, got.bench.providers) == ([1, 0], 50, ["CPUExecutionProvider"])
+    assert got.export.quantize == "none" and got.export.int8_tolerance == 0.05
+    switched = load_recipe({**BASE, "target": {"macs": 0.5}}, ["target.latency=0.4"])
+    assert (switched.target.metric, switched.target.fraction) == ("latency", 0.4)
+    skipped = load_recipe(BASE, ["bench.threads=[]", "export.quantize=static"])
+    assert skipped.bench.threads == [] and skipped.export.quantize == "static"
+
+
+@pytest.mark.parametrize(
+    "override, parts",
+    [
+        ("export.quantize=int4", ["export.quantize", "'none', 'dynamic' or 'static'", "got 'int4'"]),
+        ("export.int8_tolerance=1.5", ["export.int8_tolerance", "less than or equal to 1"]),
+        ("bench.threads=[-1]", ["bench.threads.0", "greater than or equal to 0"]),
+        ("bench.runs=-1", ["bench.runs", "greater than or equal to 0"]),
+        ("bench.providers=[]", ["bench.providers", "at least 1"]),
+        ("bench.thread=1", ["'thread' is not a recipe key under bench", "allowed: threads, runs, warmup, providers, cache, layer_runs"]),
+    ],
+)
+def test_bad_bench_and_quantize_settings(override, parts):
+    assert_contains(error_of(BASE, (override,)), *parts)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import CompressorError, RecipeError
 from compressor.methods import METHODS, conv_macs, conv_params
+from compressor.passes.functional import match_functional_convs
 from compressor.profile import LayerProfile
 
-_FUNCTIONAL_CONVS = (F.conv2d, torch.conv2d)
 
 
 @dataclass
@@ -50,6 +47,10 @@ class LayerPlan:
     def rewrites(self) -> bool:
         return self.method in METHODS
 
+    def add_note(self, text: str | None) -> None:
+        if text:
+            self.note = f"{self.note}; {text}" if self.note else text
+
 
 def _conv_entry(name: str, conv: nn.Conv2d, profile: LayerProfile, method: str = "keep", reason: str | None = None):
     macs = conv_macs(conv, profile.calls)
@@ -71,29 +72,23 @@ def _conv_entry(name: str, conv: nn.Conv2d, profile: LayerProfile, method: str =
 
 
 def _functional_entries(module: nn.Module) -> list[LayerPlan]:
-    if not isinstance(module, torch.fx.GraphModule):
-        return []
+    """Report entries for the functional convs that stayed functional (see :mod:`.functional`)."""
     entries = []
-    for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
-            continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        shape = None
-        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-            shape = tuple(module.get_parameter(weight.target).shape)
+    for call in match_functional_convs(module):
+        shape = tuple(module.get_parameter(call.weight).shape) if call.weight else None
         entries.append(
             LayerPlan(
-                name=node.name,
+                name=call.node.name,
                 method="keep",
                 rank=None,
                 kernel=shape[2:] if shape else None,
-                in_channels=shape[1] if shape else None,
+                in_channels=shape[1] * call.groups if shape else None,
                 out_channels=shape[0] if shape else None,
                 macs_before=None,
                 macs_after=None,
                 params_before=None,
                 params_after=None,
-                skipped_reason="functional F.conv2d call: its weight is not an nn.Conv2d module, so there is no layer to replace",
+                skipped_reason=f"functional conv call that cannot become an nn.Conv2d: {call.reason}",
             )
         )
     return entries
@@ -109,7 +104,7 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         functional = len(_functional_entries(module))
-        extra = f" (only {functional} functional F.conv2d call(s), which have no module to replace)" if functional else ""
+        extra = f" (only {functional} functional conv call(s) that cannot become one)" if functional else ""
         raise CompressorError(f"the model has no nn.Conv2d layer{extra}: nothing to compress")
     applied = [0] * len(recipe.rules)
     selected = [0] * len(recipe.rules)

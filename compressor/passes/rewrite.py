@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.fx
 from torch import nn
 
+from compressor.passes.functional import FunctionalConv
+
 
 def _parent_name(target: str) -> tuple[str, str]:
     *parent, name = target.rsplit(".", 1)
@@ -57,3 +59,52 @@ def rewrite_(model: nn.Module, replacements: dict[str, nn.Sequential]) -> nn.Mod
         graph.lint()
         model.recompile()
     return model
+
+
+def _conv_from_call(module: torch.fx.GraphModule, call: FunctionalConv) -> nn.Conv2d:
+    weight = module.get_parameter(call.weight)
+    bias = module.get_parameter(call.bias) if call.bias else None
+    out_channels, in_per_group, kh, kw = weight.shape
+    conv = nn.Conv2d(
+        in_per_group * call.groups, out_channels, (kh, kw), stride=call.stride, padding=call.padding,
+        dilation=call.dilation, groups=call.groups, bias=bias is not None, device="meta",
+    )
+    conv.weight = weight  # the same Parameter objects: no copy, and their dtype and device are kept
+    if bias is not None:
+        conv.bias = bias
+    return conv
+
+
+def _drop_attribute(module: nn.Module, target: str) -> None:
+    parent, name = _parent_name(target)
+    delattr(module.get_submodule(parent) if parent else module, name)
+
+
+def lift_functional_convs_(module: nn.Module, calls: list[FunctionalConv]) -> list[str]:
+    """Turn each liftable functional conv call into an ``nn.Conv2d`` module call, in place.
+
+    The module reuses the call's parameters. When their holder is a bare container (``torch.export``
+    programs), the conv replaces it and keeps its name (``layer1.0.conv1``), so recipe patterns
+    written for the eager model still match; otherwise it is registered under the call's node name.
+    Returns the new module names in graph order.
+    """
+    liftable = [call for call in calls if call.liftable]
+    if not liftable or not isinstance(module, torch.fx.GraphModule):
+        return []
+    graph = module.graph
+    for call in liftable:
+        _set_submodule(module, call.name, _conv_from_call(module, call))  # call_module nodes need it registered
+        readers = [n for n in graph.nodes if n.op == "get_attr" and n.target in (call.weight, call.bias)]
+        with graph.inserting_before(call.node):
+            value = call.node.args[0] if call.node.args else call.node.kwargs["input"]
+            lifted = graph.call_module(call.name, (value,))
+        call.node.replace_all_uses_with(lifted)
+        graph.erase_node(call.node)
+        for reader in readers:
+            graph.erase_node(reader)
+        if not call.replaces_holder:
+            for target in filter(None, (call.weight, call.bias)):
+                _drop_attribute(module, target)
+    graph.lint()
+    module.recompile()
+    return [call.name for call in liftable]

@@ -1,0 +1,92 @@
+"""Per-layer latency cost model: timings are positive, cached on disk by key, and reused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor import bench, compress
+from compressor.latency import LatencyTable, conv_geometry, convs_model
+from compressor.methods import METHODS
+from compressor.profile import CallShape
+
+
+def test_table_caches_on_disk_and_a_new_table_reuses_it(tmp_path):
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    calls = [CallShape((16, 16), (16, 16))]
+    first = LatencyTable(tmp_path, threads=1, runs=3)
+    measured = first.original_ms(conv, calls, batch=1)
+    assert math.isfinite(measured) and measured > 0, measured
+    assert (first.measured, first.hits) == (1, 0)
+    again = LatencyTable(tmp_path, threads=1, runs=3)
+    assert again.original_ms(conv, calls, batch=1) == measured
+    assert (again.measured, again.hits) == (0, 1), again.summary()
+    # Another thread count or batch is another key.
+    LatencyTable(tmp_path, threads=2, runs=3).original_ms(conv, calls, batch=1)
+    again.original_ms(conv, calls, batch=2)
+    assert again.measured == 1 and len(list(tmp_path.glob("*.json"))) == 3
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_candidate_stacks_time_positive(tmp_path, method):
+    conv = nn.Conv2d(16, 16, 3, padding=1, stride=2)
+    calls = [CallShape((16, 16), (8, 8))]
+    table = LatencyTable(tmp_path, threads=1, runs=2)
+    ms = table.candidate_ms(METHODS[method], conv, calls, 1, 4, 1)
+    assert math.isfinite(ms) and ms > 0, ms
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    nn.Conv2d(4, 6, 4, padding="same", dilation=1),
+    nn.Conv2d(4, 8, 3, padding="valid", groups=4, bias=False),
+])
+def test_one_layer_model_has_the_torch_output_shape(conv):
+    x = torch.randn(2, 4, 11, 13)
+    sess = bench.session(convs_model([conv_geometry(conv)], x.shape))
+    (got,) = sess.run(None, {"input": x.numpy()})
+    assert got.shape == tuple(conv(x).shape), (got.shape, tuple(conv(x).shape))
+
+
+class _Wide(nn.Module):
+    """Convs large enough that their latency dominates the session overhead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv1 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_latency_target_plans_within_budget_and_reports_measured(tmp_path):
+    recipe = {
+        "rules": [{"match": ["conv1", "conv2"], "method": ["spatial_separable", "grouped", "keep"], "round_to": 8},
+                  {"match": "*", "method": "keep"}],
+        "target": {"latency": 0.7},
+        "bench": {"threads": [1], "runs": 10, "layer_runs": 5, "cache": str(tmp_path / "cache")},
+    }
+    result = compress(_Wide().eval(), recipe, torch.randn(1, 3, 32, 32))
+    target = result.report["target"]
+    assert target["metric"] == "latency" and target["planned"] <= target["budget"] + 1e-9, target
+    assert target["planned_ratio"] <= 0.7 + 1e-9 and target["original"] > 0, target
+    assert set(target["layers_ms"]) == {"conv1", "conv2"}, target["layers_ms"]
+    assert target["measured"] > 0, target
+    result.save(tmp_path / "out")
+    assert target["measured_ms"] > 0 and math.isfinite(target["achieved"]), target
+    print(f"latency target 0.7: planned {target['planned_ratio']:.3f}, measured {target['achieved']:.3f}")
+    # A second plan with the same cache times nothing new.
+    again = compress(_Wide().eval(), recipe, torch.randn(1, 3, 32, 32)).report["target"]
+    assert again["measured"] == 0 and again["cache_hits"] > 0, again
+    assert np.isfinite(again["planned"])

@@ -1,0 +1,86 @@
+"""INT8 export: static QDQ keeps agreement with the float model; the pipeline records and verifies it."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from compressor import compress
+from compressor.errors import CompressorError
+from compressor.export import export_onnx
+from compressor.quantize import INT8_FILE, Int8AgreementError, quantize_onnx, verify_int8
+from tests.models_for_cli import INPUT_SHAPE, tiny_net
+
+AGREEMENT = 0.9
+
+
+def _batches(count: int, size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn((size, *INPUT_SHAPE[1:]), generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    return export_onnx(tiny_net(), torch.randn(INPUT_SHAPE), tmp_path_factory.mktemp("q") / "float.onnx")
+
+
+def test_static_int8_agrees_with_float_on_its_calibration_data(float_model, tmp_path):
+    calibration = _batches(4)
+    path = quantize_onnx(float_model, tmp_path / "int8.onnx", "static", calibration)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops
+    checked = verify_int8(float_model, path, [(b, None) for b in calibration], tolerance=1 - AGREEMENT)
+    assert checked["agreement_with_float"] >= AGREEMENT, f"static INT8 agreement {checked['agreement_with_float']:.4f}"
+    assert checked["passed"] and checked["samples"] == 128, checked
+
+
+def test_dynamic_int8_runs(float_model, tmp_path):
+    path = quantize_onnx(float_model, tmp_path / "dyn.onnx", "dynamic")
+    checked = verify_int8(float_model, path, [(b, None) for b in _batches(1)], tolerance=0.5)
+    assert checked["agreement_with_float"] >= 0.5, checked
+
+
+def test_static_without_calibration_is_refused(float_model, tmp_path):
+    with pytest.raises(CompressorError, match="--data"):
+        quantize_onnx(float_model, tmp_path / "x.onnx", "static", None)
+    with pytest.raises(CompressorError, match="pass --data"):
+        compress(tiny_net(), {"rules": [{"match": "*", "method": "keep"}], "export": {"quantize": "static"}},
+                 torch.randn(INPUT_SHAPE))
+
+
+def _recipe(**export) -> dict:
+    return {
+        "rules": [{"match": "conv3", "method": "spatial_separable"}, {"match": "*", "method": "keep"}],
+        "export": {"quantize": "static", **export},
+        "bench": {"threads": [1], "runs": 3},
+    }
+
+
+def test_pipeline_writes_benchmarks_and_verifies_static_int8(tmp_path):
+    data = [(b, None) for b in _batches(2)]
+    result = compress(tiny_net(), _recipe(), torch.randn(INPUT_SHAPE), data=data, eval_data=data)
+    result.save(tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    int8 = report["int8"]
+    assert (tmp_path / INT8_FILE).is_file() and INT8_FILE in report["files"], report["files"]
+    assert int8["passed"] and int8["agreement_with_float"] >= AGREEMENT, int8
+    assert int8["checked_on"] == "eval-data" and int8["metrics"]["samples"] == 64, int8
+    (latency,) = report["latency"]
+    assert latency["int8_ms"] > 0 and latency["int8_speedup"] > 0, latency
+
+
+def test_disagreement_beyond_the_tolerance_fails_loudly_after_writing_the_report(tmp_path, monkeypatch):
+    data = [(b, None) for b in _batches(1)]
+    result = compress(tiny_net(), _recipe(), torch.randn(INPUT_SHAPE), data=data)
+    import compressor.quantize as quantize
+
+    real = quantize.verify_int8
+    monkeypatch.setattr(quantize, "verify_int8", lambda *a, **k: {**real(*a, **k), "agreement_with_float": 0.5, "passed": False})
+    with pytest.raises(Int8AgreementError, match="disagrees with the float compressed model on 50.00%") as caught:
+        result.save(tmp_path)
+    assert caught.value.exit_code == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["int8"]["passed"] is False and (tmp_path / "report.md").is_file()

@@ -1,0 +1,69 @@
+"""report.md renders from a report dict, with every image it links written beside it."""
+
+from __future__ import annotations
+
+import re
+
+from compressor.report_md import BUDGET_PLOT, LATENCY_PLOT, MACS_PLOT, write_report_md
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _layer(name, before, after, method="spatial_separable", rank=8):
+    return {
+        "name": name, "method": method, "rank": rank, "groups": 1, "kernel": [3, 3], "macs_before": before,
+        "macs_after": after, "params_before": 100, "params_after": 50, "weight_rel_error": 0.1,
+        "output_rel_error": None, "predicted_error": 0.05, "skipped_reason": None, "note": "a | pipe",
+    }
+
+
+def _report(**extra) -> dict:
+    latency = {
+        "threads": 1, "batch": 1, "runs": 5, "provider": "CPUExecutionProvider", "original_ms": 2.0,
+        "original_p90_ms": 2.5, "compressed_ms": 1.0, "compressed_p90_ms": 1.2, "speedup": 2.0,
+        "int8_ms": 0.8, "int8_p90_ms": 0.9, "int8_speedup": 2.5,
+    }
+    report = {
+        "model": "net.pt", "recipe": {"name": "fast", "description": "test"}, "input_shape": [1, 3, 32, 32],
+        "graph": "fx", "init": "weights",
+        "layers": [_layer("conv1", 1000, 400), _layer("conv2", 2000, 900)],
+        "totals": {"macs_before": 3000, "macs_after": 1300, "params_before": 200, "params_after": 100,
+                   "macs_ratio": 1300 / 3000, "params_ratio": 0.5},
+        "output_rel_error": 0.01,
+        "onnx": {"passed": True, "parity_rel": 1e-7, "tolerance": 1e-4},
+        "latency": [latency, {**latency, "threads": 0}],
+        "int8": {"mode": "static", "format": "QDQ", "agreement_with_float": 0.99, "samples": 100,
+                 "checked_on": "eval-data", "tolerance": 0.05, "passed": True},
+    }
+    report.update(extra)
+    return report
+
+
+def test_report_md_links_every_plot_and_the_plots_are_pngs(tmp_path):
+    target = {
+        "metric": "latency", "fraction": 0.5, "planned_ratio": 0.49, "achieved": 0.52, "solved_layers": 2,
+        "error_source": "weights", "original": 2.0, "planned": 0.98, "fixed_ms": 0.3, "measured_ms": 1.04,
+        "threads": 1, "measured": 10, "cache_hits": 3, "cache": str(tmp_path / "cache"),
+        "curves": [{"name": "conv2", "chosen": ["spatial_separable", 8],
+                    "methods": {"spatial_separable": [[8, 0.3, 1.0], [16, 0.1, 2.0]], "grouped": [[8, 0.4, 1.0]]}}],
+    }
+    written = write_report_md(_report(target=target), tmp_path)
+    assert sorted(written) == sorted(["report.md", MACS_PLOT, LATENCY_PLOT, BUDGET_PLOT]), written
+    text = (tmp_path / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(linked) == sorted([MACS_PLOT, LATENCY_PLOT, BUDGET_PLOT]), linked
+    for name in linked:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, f"{name}: {len(data)} bytes"
+    for needle in ("# Compression report: net.pt", "**fast**", "| conv2 | spatial_separable | 8 |", "2.00x",
+                   "INT8 (static", "0.9900", "measured 1.040 ms", "a \\| pipe", "## Latency", "## Budget"):
+        assert needle in text, f"{needle!r} not in report.md:\n{text}"
+
+
+def test_without_latency_or_target_only_the_macs_plot_is_written(tmp_path):
+    report = _report(latency=[], latency_skipped="bench.runs is 0 or bench.threads is empty")
+    del report["int8"]
+    written = write_report_md(report, tmp_path)
+    assert sorted(written) == ["macs.png", "report.md"], written
+    text = (tmp_path / "report.md").read_text()
+    assert "Not measured (bench.runs is 0" in text and "latency.png" not in text, text
