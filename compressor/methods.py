@@ -56,6 +56,11 @@ class Method(ABC):
         """Ranks must be multiples of this."""
         return 1
 
+    def channels_per_rank(self, conv: nn.Conv2d) -> int:
+        """Intermediate channels per unit of rank: what ``round_to`` (channel counts that are multiples
+        of 8 or 16, for ONNX Runtime's NCHWc kernels) must make a multiple."""
+        return 1
+
     @abstractmethod
     def full_rank(self, conv: nn.Conv2d, groups: int) -> int: ...
 
@@ -116,6 +121,9 @@ class DepthwiseSeparable(Method):
 
     def full_rank(self, conv: nn.Conv2d, groups: int) -> int:
         return depthwise_separable_full_rank(conv.out_channels, *conv.kernel_size)
+
+    def channels_per_rank(self, conv: nn.Conv2d) -> int:
+        return conv.in_channels  # the depthwise conv has in_channels x depth multiplier outputs
 
     def macs(self, conv, calls, rank, groups):
         kh, kw = conv.kernel_size

@@ -20,16 +20,21 @@ from compressor.methods import Method, conv_macs, conv_params
 from compressor.profile import CallShape
 
 
-def rank_multiple(method: Method, groups: int, round_to: int | None) -> int:
-    """Every rank the rule may produce is a multiple of this."""
+def rank_multiple(method: Method, conv: nn.Conv2d, groups: int, round_to: int | None) -> int:
+    """Every rank the rule may produce is a multiple of this: of the method's step, and such that the
+    intermediate channel count (rank x :meth:`~compressor.methods.Method.channels_per_rank`) is a
+    multiple of ``round_to``. A depthwise-separable layer with 16 input channels and ``round_to: 8``
+    may use any depth multiplier; with 3 input channels, multipliers of 8."""
     step = method.rank_step(groups)
-    return step if round_to is None else math.lcm(step, round_to)
+    if round_to is None:
+        return step
+    return math.lcm(step, round_to // math.gcd(round_to, method.channels_per_rank(conv)))
 
 
 def allowed_ranks(method: Method, conv: nn.Conv2d, groups: int, round_to: int | None) -> list[int]:
     """Ascending ranks that are multiples of :func:`rank_multiple`, plus full rank if it is not one."""
     full = method.full_rank(conv, groups)
-    multiple = rank_multiple(method, groups, round_to)
+    multiple = rank_multiple(method, conv, groups, round_to)
     ranks = list(range(multiple, full + 1, multiple))
     if not ranks or ranks[-1] != full:
         ranks.append(full)
@@ -133,4 +138,4 @@ def resolve_rank(
         raw, note = guarded_rank(_vbmf(method, conv, groups, whitening), full)
     else:  # the recipe schema makes this unreachable
         raise RankError(f"{what}: unsupported rank {spec!r}")
-    return round_rank(max(raw, 1), rank_multiple(method, groups, round_to), full, step), note
+    return round_rank(max(raw, 1), rank_multiple(method, conv, groups, round_to), full, step), note

@@ -12,7 +12,7 @@ A recipe is a YAML mapping validated by the pydantic models below::
                                       # or a list of them (the budget solver picks one per layer; needs target)
         rank: full                    # positive int | "full" | {macs: f} | {params: f} (0 < f <= 1)
                                       # | {energy: e} (0 < e <= 1) | vbmf; unset: "full", or chosen by target
-        round_to: 8                   # optional: ranks rounded to a multiple of this (ORT NCHWc blocks)
+        round_to: 8                   # optional: intermediate channels a multiple of this (ORT NCHWc blocks)
         groups: 1                     # positive int (default 1); > 1 only with method grouped
         kernel_size: 3                # optional filter: k (kh == kw == k) or [kh, kw]
         min_kernel_size: 3            # optional filter: kh >= n and kw >= n

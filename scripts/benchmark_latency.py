@@ -124,7 +124,12 @@ def main() -> None:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         for fraction in [float(f) for f in args.latency_targets.split(",") if f]:
-            result = compress(model, recipe_for("mixed", {"latency": fraction}, args.round_to, threads, args.cache), x)
+            try:
+                result = compress(model, recipe_for("mixed", {"latency": fraction}, args.round_to, threads, args.cache), x)
+            except CompressorError as err:  # e.g. below the smallest reachable latency: a finding, not a crash
+                latency_rows.append({"model": model_name, "target": fraction, "threads": threads[0], "error": str(err)})
+                print(f"{model_name} latency {fraction}: {err}", flush=True)
+                continue
             compressed = export_onnx(result.model, x, work / f"{model_name}.latency.{fraction}.onnx")
             timed = time_pair({"original": original, "compressed": compressed}, shape, threads[0], args.runs)
             target = result.report["target"]
@@ -162,6 +167,9 @@ def render(rows, latency_rows, notes, args) -> list[str]:
         lines += ["", "| model | target latency | threads | planned | measured | measured/target - 1 | MACs ratio | layers timed | cache hits |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in latency_rows:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['target']:.3g} | {threads_label(r['threads'])} | unreachable: {r['error'][:120]} |")
+                continue
             lines.append(
                 f"| {r['model']} | {r['target']:.3g} | {threads_label(r['threads'])} | {r['planned']:.3f} | {r['measured']:.3f} | "
                 f"{r['off_by']:+.1%} | {r['macs_ratio']:.3f} | {r['timed_layers']} | {r['cache_hits']} |"

@@ -251,3 +251,27 @@ def test_round_rank_contract_exhaustive():
 def test_round_rank_refuses(args, match):
     with pytest.raises(ValueError, match=match):
         round_rank(*args)
+
+
+@pytest.mark.parametrize(
+    "method_name, in_channels, groups, round_to, expected",
+    [
+        ("depthwise_separable", 16, 1, 8, 1),  # 16 x M channels: every multiplier is a multiple of 8
+        ("depthwise_separable", 4, 1, 8, 2),
+        ("depthwise_separable", 3, 1, 8, 8),
+        ("spatial_separable", 16, 1, 8, 8),
+        ("grouped", 16, 4, 8, 8),
+        ("grouped", 16, 3, 8, 24),
+        ("cp", 16, 1, 16, 16),
+        ("spatial_separable", 16, 1, None, 1),
+    ],
+)
+def test_round_to_applies_to_the_intermediate_channel_count(method_name, in_channels, groups, round_to, expected):
+    from torch import nn
+
+    from compressor.methods import METHODS
+    from compressor.ranks import rank_multiple
+
+    conv = nn.Conv2d(in_channels, 24, 3)
+    got = rank_multiple(METHODS[method_name], conv, groups, round_to)
+    assert got == expected, f"{method_name} in={in_channels} groups={groups} round_to={round_to}: multiple {got}, expected {expected}"
