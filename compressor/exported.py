@@ -103,13 +103,10 @@ def load_exported(path: Path, *, trust_model: bool) -> torch.fx.GraphModule:
     return module
 
 
-def _example_shapes(program) -> list[torch.Size]:
+def _example_inputs(program) -> list:
+    """The fake tensors the program was exported with, one per user input (``None`` for non-tensors)."""
     user_inputs = set(program.graph_signature.user_inputs)
-    return [
-        node.meta["val"].shape
-        for node in program.graph.nodes
-        if node.op == "placeholder" and node.name in user_inputs and isinstance(node.meta.get("val"), torch.Tensor)
-    ]
+    return [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs]
 
 
 def _check_runs_at_another_batch_size(path: Path, program, module: nn.Module) -> None:
@@ -117,12 +114,12 @@ def _check_runs_at_another_batch_size(path: Path, program, module: nn.Module) ->
     first dimension as a batch (one more sample gives one more output row, the others unchanged)."""
     from compressor.export import flatten_outputs
 
-    shapes = _example_shapes(program)
-    if len(shapes) != 1 or not all(isinstance(size, int) for size in shapes[0]):
-        return  # several inputs or symbolic sizes: nothing static to check
-    shape = tuple(shapes[0])
+    examples = _example_inputs(program)
+    if len(examples) != 1 or not isinstance(examples[0], torch.Tensor) or not all(isinstance(size, int) for size in examples[0].shape):
+        return  # several inputs, or symbolic sizes: nothing static to check
+    shape = tuple(examples[0].shape)
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(shape, generator=generator).to(_input_dtype(program))
+    inputs = torch.randn(shape, generator=generator).to(examples[0].dtype)
     grown = torch.cat([inputs, inputs[:1]])
     problem = None
     try:
@@ -138,14 +135,6 @@ def _check_runs_at_another_batch_size(path: Path, program, module: nn.Module) ->
             f"({problem}); export it with a dynamic batch dimension: torch.export.export(model, (x,), "
             "dynamic_shapes=({0: torch.export.Dim('batch')},))"
         )
-
-
-def _input_dtype(program) -> torch.dtype:
-    user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            return node.meta["val"].dtype
-    return torch.float32
 
 
 def save_exported(model: nn.Module, example_input: torch.Tensor, path: Path) -> float:
