@@ -71,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _requested_out(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path(args.model).with_suffix(".compressed")
+
+
 def _output_dir(args: argparse.Namespace) -> Path:
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".compressed")
+    out = _requested_out(args)
     if out.exists() and not out.is_dir():
         raise CompressorError(f"output path {out} exists and is not a folder")
     model_path = Path(args.model).resolve()
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: internal error: {describe_error(err)}; nothing was written; traceback in {log}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        out = None if args.dry_run else (args.out or Path(args.model).with_suffix(".compressed"))
+        out = None if args.dry_run else _requested_out(args)
         where = f"; nothing was written to {out}" if out is not None else ""
         print(f"{PROG}: interrupted{where}", file=sys.stderr)
         return 130

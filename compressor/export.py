@@ -118,6 +118,14 @@ def parity(model: nn.Module, path: str | Path, batch: torch.Tensor) -> Parity:
     return relative_error(got, expected)
 
 
+def torch_relative_error(reference: nn.Module, other: nn.Module, batch: torch.Tensor) -> float:
+    """Relative error of ``other``'s outputs against ``reference``'s on ``batch``, both in PyTorch."""
+    with torch.no_grad():
+        expected = [t.detach().cpu().numpy() for t in flatten_outputs(reference(batch))]
+        got = [t.detach().cpu().numpy() for t in flatten_outputs(other(batch))]
+    return relative_error(got, expected).rel
+
+
 def parity_batch(example_input: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A random batch of another batch size than the export's, to exercise the dynamic axis."""
     batch_size = 2 if example_input.shape[0] == 1 else example_input.shape[0] + 1

@@ -140,7 +140,7 @@ def _check_runs_at_another_batch_size(path: Path, program, module: nn.Module) ->
 def save_exported(model: nn.Module, example_input: torch.Tensor, path: Path) -> float:
     """Export ``model`` with a dynamic batch dimension, save it, and return the relative error of the
     reloaded program against ``model`` on another batch size."""
-    from compressor.export import flatten_outputs, relative_error
+    from compressor.export import torch_relative_error
 
     # Export specializes sizes 0 and 1, so trace at batch >= 2 for the batch to stay dynamic.
     generator = torch.Generator().manual_seed(1)
@@ -153,9 +153,6 @@ def save_exported(model: nn.Module, example_input: torch.Tensor, path: Path) -> 
             program = torch.export.export(model, (traced_at,), dynamic_shapes=({0: torch.export.Dim("batch")},))
             torch.export.save(program, str(path))
             reloaded = torch.export.load(str(path)).module()
-            with torch.no_grad():
-                expected = [t.numpy() for t in flatten_outputs(model(probe))]
-                got = [t.numpy() for t in flatten_outputs(reloaded(probe))]
+            return torch_relative_error(model, reloaded, probe)
     except Exception as err:
         raise CompressorError(f"cannot save the compressed model as a torch.export archive {path}: {describe_error(err)}") from err
-    return relative_error(got, expected).rel

@@ -320,13 +320,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _output_rel_error(original: nn.Module, compressed: nn.Module, batch: torch.Tensor) -> float:
-    with torch.no_grad():
-        expected = [t.detach().cpu().numpy() for t in onnx_export.flatten_outputs(original(batch))]
-        got = [t.detach().cpu().numpy() for t in onnx_export.flatten_outputs(compressed(batch))]
-    return onnx_export.relative_error(got, expected).rel
-
-
 def _cheaper_tucker(conv: nn.Conv2d, layer: LayerPlan, profile: LayerProfile) -> int | None:
     """The largest Tucker-2 (grouped, G=1) rank costing no more MACs than ``layer``'s CP choice."""
     tucker = METHODS["grouped"]
@@ -455,7 +448,7 @@ def compress(
     if layer_plan.target is not None and layer_plan.target["metric"] != "latency":  # latency: measured in save()
         metric = layer_plan.target["metric"]
         report["target"]["achieved"] = after[metric] / max(before[metric], 1)
-    report["output_rel_error"] = _output_rel_error(original, compressed, onnx_export.parity_batch(example_input))
+    report["output_rel_error"] = onnx_export.torch_relative_error(original, compressed, onnx_export.parity_batch(example_input))
     eval_batches = None
     if eval_data is not None:
         eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
