@@ -65,3 +65,11 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert all(name in ids for name in expected), f"rows {ids}"
     assert "failed" not in text, text[-3000:]
     assert out.with_suffix(".json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--quick", "--resume", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, f"exit {resumed.returncode}\n{resumed.stdout[-2000:]}\n{resumed.stderr[-3000:]}"
+    rerun = [line for line in resumed.stdout.splitlines() if line.startswith("[")]
+    assert not rerun, f"--resume ran finished rows again: {rerun}"
+    assert f"{len(expected)} rows were carried over" in out.read_text(), out.read_text()[:1500]
