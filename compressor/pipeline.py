@@ -23,6 +23,7 @@ from compressor.evaluate import evaluate
 from compressor.exported import save_exported
 from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
+from compressor.phases import timed
 from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, swap_, trace
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.ranks import allowed_ranks
@@ -52,6 +53,8 @@ class Plan:
     statistics: dict[str, LayerStatistics] = field(default_factory=dict, repr=False)
     #: The budget solver's record, under a recipe target.
     target: dict | None = None
+    #: Wall time per phase (see :mod:`compressor.phases`), continued by compress() and Result.save().
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def init(self) -> str:
@@ -189,30 +192,36 @@ def plan(
     """
     recipe = load_recipe(recipe)
     _check_finite_weights(model)
-    working = copy.deepcopy(model).eval()
-    traced = trace(working)
-    lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
-    profiles = _profile(traced.module, example_input)
-    layers = plan_layers(traced.module, recipe, profiles)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "trace"):
+        working = copy.deepcopy(model).eval()
+        traced = trace(working)
+        lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
+        profiles = _profile(traced.module, example_input)
+        layers = plan_layers(traced.module, recipe, profiles)
     for layer in layers:
         if layer.name in lifted:
             layer.add_note("lifted into an nn.Conv2d from a functional conv call")
     calibration, statistics = None, {}
     if data is not None:
-        settings = recipe.calibration
-        calibration = [inputs for inputs, _ in materialize(data, example_input, settings.batch_size, settings.samples, "calibration data")]
-        requests = {}
-        for layer in layers:
-            methods = layer.choices or ((layer.method,) if layer.rewrites else ())
-            kinds = [METHODS[m].statistic for m in methods if m in METHODS]
-            if kinds:
-                requests[layer.name] = kinds
-        statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
-    latency = None
-    if recipe.target is not None and recipe.target.metric == "latency":
-        latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
-    target = assign_ranks(layers, traced.module, profiles, recipe, statistics, latency)
-    return Plan(traced, layers, profiles, recipe, calibration, statistics, target)
+        with timed(seconds, "calibrate"):
+            settings = recipe.calibration
+            calibration = [
+                inputs for inputs, _ in materialize(data, example_input, settings.batch_size, settings.samples, "calibration data")
+            ]
+            requests = {}
+            for layer in layers:
+                methods = layer.choices or ((layer.method,) if layer.rewrites else ())
+                kinds = [METHODS[m].statistic for m in methods if m in METHODS]
+                if kinds:
+                    requests[layer.name] = kinds
+            statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+    with timed(seconds, "ranks"):  # a latency target's cost model is measured here, so it counts as choosing ranks
+        latency = None
+        if recipe.target is not None and recipe.target.metric == "latency":
+            latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
+        target = assign_ranks(layers, traced.module, profiles, recipe, statistics, latency)
+    return Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
 
 
 @dataclass
@@ -235,18 +244,23 @@ class Result:
         recording) when the relative error exceeds the recipe's ``export.tolerance``.
         """
         settings = self.recipe.export
+        seconds = self.report.setdefault("seconds", {})
         batch = onnx_export.parity_batch(self.example_input)
         record: dict = {"opset": settings.opset, "tolerance": settings.tolerance, "batch_size": batch.shape[0]}
         if original_path is not None:
-            onnx_export.export_onnx(self.original, self.example_input, original_path, settings.opset)
-            original_parity = onnx_export.parity(self.original, original_path, batch)
+            with timed(seconds, "export"):
+                onnx_export.export_onnx(self.original, self.example_input, original_path, settings.opset)
+            with timed(seconds, "verify"):
+                original_parity = onnx_export.parity(self.original, original_path, batch)
             record.update(
                 original=str(original_path),
                 original_parity_max_abs=original_parity.max_abs,
                 original_parity_rel=original_parity.rel,
             )
-        onnx_export.export_onnx(self.model, self.example_input, path, settings.opset)
-        result = onnx_export.parity(self.model, path, batch)
+        with timed(seconds, "export"):
+            onnx_export.export_onnx(self.model, self.example_input, path, settings.opset)
+        with timed(seconds, "verify"):
+            result = onnx_export.parity(self.model, path, batch)
         worst = max(result.rel, record.get("original_parity_rel", 0.0))
         record.update(
             compressed=str(path), parity_max_abs=result.max_abs, parity_rel=result.rel, passed=worst <= settings.tolerance
@@ -254,9 +268,10 @@ class Result:
         record.setdefault("original", None)
         self.report["onnx"] = record
         if self.eval_batches is not None and original_path is not None and record["passed"]:
-            self.report["metrics"]["onnx"] = evaluate(
-                onnx_export.onnx_predictor(original_path), onnx_export.onnx_predictor(path), self.eval_batches
-            )
+            with timed(seconds, "verify"):
+                self.report["metrics"]["onnx"] = evaluate(
+                    onnx_export.onnx_predictor(original_path), onnx_export.onnx_predictor(path), self.eval_batches
+                )
         if not record["passed"]:
             raise ParityError(
                 f"ONNX Runtime disagrees with PyTorch: relative error {worst:.3e} > tolerance {settings.tolerance:.1e} "
@@ -274,26 +289,35 @@ class Result:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
+        seconds = self.report.setdefault("seconds", {})
         try:
-            torch.save(self.model, out / "compressed.pt")
+            with timed(seconds, "export"):
+                torch.save(self.model, out / "compressed.pt")
         except Exception as err:  # pickling runs arbitrary __reduce__ code of user modules
             raise CompressorError(
                 f"cannot pickle the compressed model to {out / 'compressed.pt'}: {describe_error(err)}"
             ) from err
         try:
             if exported_program:
-                rel = save_exported(self.model, self.example_input, out / EXPORTED_PROGRAM_FILE)
+                with timed(seconds, "export"):  # save_exported also reloads and compares, a check it cannot skip
+                    rel = save_exported(self.model, self.example_input, out / EXPORTED_PROGRAM_FILE)
                 self.report["pt2"] = {"path": str(Path(final_dir or out) / EXPORTED_PROGRAM_FILE), "parity_rel": rel}
                 if not rel <= self.recipe.export.tolerance:
                     raise ParityError(
                         f"the reloaded {EXPORTED_PROGRAM_FILE} disagrees with the compressed model: relative error {rel:.3e}"
                     )
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
-            int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
-            latency_step(self.report, self.recipe, out, int8_path)
+            # Steps the recipe turned off get no time entry, so a report never shows a phase that did not run.
+            int8_path = None
+            if self.recipe.export.quantize != "none":
+                with timed(seconds, "int8"):
+                    int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
+            if self.recipe.bench.runs > 0 and self.recipe.bench.threads:
+                with timed(seconds, "latency"):
+                    latency_step(self.report, self.recipe, out, int8_path)
+            else:
+                latency_step(self.report, self.recipe, out, int8_path)
         finally:
-            self.report.setdefault("seconds", {})["save_and_verify"] = time.perf_counter() - started
             onnx = self.report.get("onnx")
             if final_dir is not None and onnx:
                 for key in ("original", "compressed"):
@@ -365,21 +389,23 @@ def _factorize_all(plan_: Plan) -> dict[str, nn.Sequential]:
     working = copy.deepcopy(module) if plan_.calibration else None
     replacements: dict[str, nn.Sequential] = {}
     for layer in rewriting:
-        stack = _factorize_layer(plan_, layer, module.get_submodule(layer.name))
+        with timed(plan_.seconds, "decompose"):
+            stack = _factorize_layer(plan_, layer, module.get_submodule(layer.name))
         if stack is None:
             continue
         layer.init = plan_.init
         if working is not None:
-            calls = len(plan_.profiles[layer.name].calls)
-            batches = lambda: iter(plan_.calibration)  # noqa: E731
-            if layer.method == "spatial_separable":
-                conv = module.get_submodule(layer.name)
-                stats = collect_patch_statistics(module, working, layer.name, conv, calls, batches)
-                refit = spatial_als_(stack, conv, stats)
-            else:
-                refit = refit_last_factor_(module, working, layer.name, stack, calls, batches)
-            layer.output_rel_error = refit.error_after
-            swap_(working, {layer.name: stack})
+            with timed(plan_.seconds, "refit"):
+                calls = len(plan_.profiles[layer.name].calls)
+                batches = lambda: iter(plan_.calibration)  # noqa: E731
+                if layer.method == "spatial_separable":
+                    conv = module.get_submodule(layer.name)
+                    stats = collect_patch_statistics(module, working, layer.name, conv, calls, batches)
+                    refit = spatial_als_(stack, conv, stats)
+                else:
+                    refit = refit_last_factor_(module, working, layer.name, stack, calls, batches)
+                layer.output_rel_error = refit.error_after
+                swap_(working, {layer.name: stack})
         replacements[layer.name] = stack
     return replacements
 
@@ -422,7 +448,7 @@ def compress(
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
     layer_plan = plan(original, recipe, example_input, data=data)
-    planned = time.perf_counter()
+    seconds = layer_plan.seconds
     replacements = _factorize_all(layer_plan)
     compressed = rewrite_(layer_plan.traced.module, replacements).eval()
     finetuned = None
@@ -432,10 +458,11 @@ def compress(
         elif data is None:
             finetuned = {"skipped": "no --data: fine-tuning needs training data"}
         else:
-            finetuned = finetune(
-                compressed, original, tuning, data, holdout, example_input,
-                rewritten=list(replacements), device=device, progress=progress,
-            )
+            with timed(seconds, "finetune"):
+                finetuned = finetune(
+                    compressed, original, tuning, data, holdout, example_input,
+                    rewritten=list(replacements), device=device, progress=progress,
+                )
     report = layer_plan.report()
     if finetuned is not None:
         report["finetune"] = finetuned
@@ -448,12 +475,14 @@ def compress(
     if layer_plan.target is not None and layer_plan.target["metric"] != "latency":  # latency: measured in save()
         metric = layer_plan.target["metric"]
         report["target"]["achieved"] = after[metric] / max(before[metric], 1)
-    report["output_rel_error"] = onnx_export.torch_relative_error(original, compressed, onnx_export.parity_batch(example_input))
-    eval_batches = None
-    if eval_data is not None:
-        eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
-        report["metrics"] = evaluate(original, compressed, eval_batches)
-    report["seconds"] = {"plan": planned - started, "compress": time.perf_counter() - started}
+    with timed(seconds, "evaluate"):
+        report["output_rel_error"] = onnx_export.torch_relative_error(original, compressed, onnx_export.parity_batch(example_input))
+        eval_batches = None
+        if eval_data is not None:
+            eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
+            report["metrics"] = evaluate(original, compressed, eval_batches)
+    seconds["total"] = time.perf_counter() - started
+    report["seconds"] = seconds
     return Result(
         compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration
     )

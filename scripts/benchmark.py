@@ -167,6 +167,7 @@ def _peer(spec: dict, data_dir: Path) -> dict:
     from compressor import export as onnx_export
     from compressor.bench import benchmark
     from compressor.evaluate import evaluate
+    from compressor.phases import timed
     from compressor.pipeline import example_input_for
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -190,18 +191,20 @@ def _peer(spec: dict, data_dir: Path) -> dict:
         row["metrics"] = evaluate(model, compressed, held)
     batch = onnx_export.parity_batch(example)
     row["output_rel_error"] = onnx_export.torch_relative_error(model, compressed, batch)
+    seconds = {"decompose": decompose_seconds}
     with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
         try:
-            onnx_export.export_onnx(model, example, Path(out) / "original.onnx", 17)
-            onnx_export.export_onnx(compressed, example, Path(out) / "peer.onnx", 17)
-            row["parity_rel"] = onnx_export.parity(compressed, Path(out) / "peer.onnx", batch).rel
+            with timed(seconds, "export"):
+                onnx_export.export_onnx(model, example, Path(out) / "original.onnx", 17)
+                onnx_export.export_onnx(compressed, example, Path(out) / "peer.onnx", 17)
+            with timed(seconds, "verify"):
+                row["parity_rel"] = onnx_export.parity(compressed, Path(out) / "peer.onnx", batch).rel
         except Exception as err:  # a peer that does not export is a finding, not a crash
             row["export_error"] = f"{type(err).__name__}: {err}"[:200]
-        export_seconds = time.perf_counter() - started
         if "export_error" not in row:
-            row["latency"] = benchmark(Path(out) / "original.onnx", Path(out) / "peer.onnx", shape, threads=[1, 0], runs=spec["runs"], warmup=3)
-    row["seconds"] = {"decompose": decompose_seconds, "export_and_verify": export_seconds}
+            with timed(seconds, "latency"):
+                row["latency"] = benchmark(Path(out) / "original.onnx", Path(out) / "peer.onnx", shape, threads=[1, 0], runs=spec["runs"], warmup=3)
+    row["seconds"] = seconds
     return row
 
 
@@ -303,12 +306,10 @@ def _tool_label(row: dict) -> str:
 
 
 def _phases(row: dict) -> str:
+    from compressor.phases import PHASES
+
     seconds = row.get("seconds") or {}
-    shown = {k: v for k, v in seconds.items() if isinstance(v, (int, float)) and k != "compress_call"}
-    finetune = row.get("finetune_result") or {}
-    if finetune.get("train_seconds"):
-        shown["finetune"] = finetune["train_seconds"]
-    return ", ".join(f"{k} {v:.1f}" for k, v in shown.items())
+    return ", ".join(f"{phase} {seconds[phase]:.1f}" for phase in PHASES if isinstance(seconds.get(phase), (int, float)))
 
 
 def _rows_markdown(rows: list[dict], accuracy: bool) -> list[str]:

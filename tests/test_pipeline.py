@@ -412,3 +412,26 @@ def test_a_forward_that_fails_names_the_layer_and_the_shape():
     wrong = torch.randn(1, 4, 32, 32)  # four channels into a three-channel stem
     with pytest.raises(CompressorError, match=r"forward failed in conv1 \(Conv2d\) on an input of shape \(1, 4, 32, 32\)"):
         compressor.compress(model, _lossless("spatial_separable", 1), wrong)
+
+
+def test_report_times_every_phase_that_ran(tmp_path):
+    model, x = _build("resnet20_cifar")
+    recipe = {
+        "rules": [{"match": "layer1*", "method": "spatial_separable", "rank": {"macs": 0.5}}],
+        "calibration": {"samples": 16},
+        "finetune": {"steps": 2, "batch_size": 8},
+        "bench": {"runs": 2, "warmup": 1, "threads": [1]},
+        "export": {"quantize": "dynamic", "int8_tolerance": 1.0},
+    }
+    result = compressor.compress(model, recipe, x, data=_calibration(batches=3), eval_data=_calibration(batches=1, seed=5))
+    result.save(tmp_path)
+    seconds = result.report["seconds"]
+    ran = {"trace", "calibrate", "ranks", "decompose", "refit", "finetune", "evaluate", "export", "verify", "int8", "latency"}
+    missing = sorted(phase for phase in ran if not seconds.get(phase, 0) > 0)
+    assert not missing, f"phases without a positive time: {missing} in {seconds}"
+    in_compress = sum(seconds[phase] for phase in ("trace", "calibrate", "ranks", "decompose", "refit", "finetune", "evaluate"))
+    assert in_compress <= seconds["total"], f"phases inside compress() add up to {in_compress:.3f}s > total {seconds['total']:.3f}s"
+    plain = compressor.compress(model, {"rules": recipe["rules"], "bench": {"runs": 0}}, x)
+    plain.save(tmp_path / "plain")
+    skipped = sorted(set(plain.report["seconds"]) & {"calibrate", "refit", "finetune", "int8", "latency"})
+    assert not skipped, f"a run without data, quantization or benchmark still timed {skipped}: {plain.report['seconds']}"
