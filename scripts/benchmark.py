@@ -261,11 +261,22 @@ def _run_child(spec: dict, data_dir: Path) -> dict:
         return json.loads(result_path.read_text())
 
 
-def _finished_rows(path: Path) -> dict[str, dict]:
-    """The successful rows of an earlier run's JSON, by id (none when there is no such file)."""
+def _earlier_run(path: Path) -> tuple[dict[str, dict], float]:
+    """The successful rows of an earlier run's JSON by id, and the seconds that run spent (none, 0 without one)."""
     if not path.exists():
-        return {}
-    return {row["id"]: {**row, "resumed": True} for row in json.loads(path.read_text()) if "error" not in row}
+        return {}, 0.0
+    saved = json.loads(path.read_text())
+    rows = {row["id"]: {**row, "resumed": True} for row in saved["rows"] if "error" not in row}
+    return rows, float(saved["seconds"])
+
+
+def _save_rows(path: Path, rows: list[dict], seconds: float) -> None:
+    path.write_text(json.dumps({"command": _command(), "seconds": seconds, "rows": rows}, indent=1, default=str) + "\n")
+
+
+def _command() -> str:
+    shown = [arg for arg in sys.argv[1:] if arg != "--resume"]  # a resumed run finishes the same command
+    return " ".join(["python scripts/benchmark.py", *shown])
 
 
 def _versions() -> dict[str, str]:
@@ -346,7 +357,8 @@ def _finetune_lines(rows: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        "Fine-tuning (on its own 10% split of the calibration images; before/after are agreement on that split):",
+        "Fine-tuning (on its own 10% split of the calibration images; before/after are agreement on that split;",
+        "it keeps the best weights it saw there, the initial ones included, so equal numbers mean it kept them):",
         "",
         "| row | steps | train s | stopped by | agree before | agree after |",
         "|---|---|---|---|---|---|",
@@ -365,15 +377,14 @@ def write_markdown(rows: list[dict], args, seconds: float, path: Path) -> None:
     r50 = [row for row in rows if row["model"] == "resnet50"]
     pretrained = any(row.get("pretrained") for row in r20)
     versions = _versions()
-    command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `{command.strip()}` in {seconds / 60:.1f} minutes on {os.cpu_count()} CPU cores "
+        f"Produced by `{_command()}` in {seconds / 60:.1f} minutes on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}, {platform.system()}), {time.strftime('%Y-%m-%d')}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         *(
-            [f"{resumed} rows were carried over from an interrupted run (`--resume`); the time counts their own wall time."]
+            [f"{resumed} rows were measured by an earlier run of this command and kept with `--resume`; the time adds up both runs."]
             if (resumed := sum(1 for row in rows if row.get("resumed")))
             else []
         ),
@@ -383,7 +394,11 @@ def write_markdown(rows: list[dict], args, seconds: float, path: Path) -> None:
         f"on {args.holdout} held-out images never used for calibration or fine-tuning; `ORT x` is the measured",
         "ONNX Runtime CPU speedup at batch 1 (median of alternating runs; `all` = all cores); INT8 is static",
         "QDQ quantization of the fine-tuned model, calibrated on the calibration images. Phases are the tool's",
-        "own timings; wall s includes process start, evaluation and latency measurement.",
+        "own timings (report.json `seconds`); wall s is the whole row after imports (the phases plus loading",
+        "and the held-out evaluation). INT8 speedups are against the float original.",
+        "Row names carry the MACs fraction asked of the rewritten layers, the 3x3 body convs (ResNet-20:",
+        "all but the stem; ResNet-50: each bottleneck's conv2). The stem, 1x1 shortcuts and ResNet-50's 1x1",
+        "convs stay for every tool alike, so whole-model MACs land above that fraction.",
         "",
         "Peers: AIMET's Spatial SVD is re-implemented from its source (aimet-torch needs torchvision, which has",
         "no CPU build here; see scripts/peers.py) and is, by definition, our weights-only `spatial_separable`.",
@@ -441,7 +456,7 @@ def main() -> int:
     started = time.perf_counter()
     rows_path = args.out.with_suffix(".json")
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    finished = _finished_rows(rows_path) if args.resume else {}
+    finished, earlier_seconds = _earlier_run(rows_path) if args.resume else ({}, 0.0)
     rows: dict[str, dict] = {}
     for spec in _specs(args):
         if spec.get("ranks_from"):
@@ -459,10 +474,10 @@ def main() -> int:
         if "error" in rows[spec["id"]]:
             print(f"    failed: {rows[spec['id']]['error']}", flush=True)
         # saved after every row: an hour-long run that dies late keeps what it measured (see --resume)
-        rows_path.write_text(json.dumps(list(rows.values()), indent=1, default=str) + "\n")
-    seconds = time.perf_counter() - started + sum(row.get("wall_seconds", 0) for row in rows.values() if row.get("resumed"))
+        _save_rows(rows_path, list(rows.values()), earlier_seconds + time.perf_counter() - started)
+    seconds = earlier_seconds + time.perf_counter() - started
     ordered = list(rows.values())
-    rows_path.write_text(json.dumps(ordered, indent=1, default=str) + "\n")
+    _save_rows(rows_path, ordered, seconds)
     write_markdown(ordered, args, seconds, args.out)
     failed = [row["id"] for row in ordered if "error" in row]
     print(f"wrote {args.out} ({len(ordered)} rows, {len(failed)} failed) in {seconds / 60:.1f} min")

@@ -72,4 +72,4 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert resumed.returncode == 0, f"exit {resumed.returncode}\n{resumed.stdout[-2000:]}\n{resumed.stderr[-3000:]}"
     rerun = [line for line in resumed.stdout.splitlines() if line.startswith("[")]
     assert not rerun, f"--resume ran finished rows again: {rerun}"
-    assert f"{len(expected)} rows were carried over" in out.read_text(), out.read_text()[:1500]
+    assert f"{len(expected)} rows were measured by an earlier run" in out.read_text(), out.read_text()[:1500]
