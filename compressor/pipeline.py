@@ -7,6 +7,7 @@ import copy
 import json
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,14 +309,11 @@ class Result:
                     )
             self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
             # Steps the recipe turned off get no time entry, so a report never shows a phase that did not run.
-            int8_path = None
-            if self.recipe.export.quantize != "none":
-                with timed(seconds, "int8"):
-                    int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
-            if self.recipe.bench.runs > 0 and self.recipe.bench.threads:
-                with timed(seconds, "latency"):
-                    latency_step(self.report, self.recipe, out, int8_path)
-            else:
+            quantizing = self.recipe.export.quantize != "none"
+            benchmarking = self.recipe.bench.runs > 0 and bool(self.recipe.bench.threads)
+            with timed(seconds, "int8") if quantizing else nullcontext():
+                int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
+            with timed(seconds, "latency") if benchmarking else nullcontext():
                 latency_step(self.report, self.recipe, out, int8_path)
         finally:
             onnx = self.report.get("onnx")
