@@ -61,7 +61,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| r20-")]
     ids = [line.split("|")[1].strip() for line in rows]
-    expected = ["r20-spatial_separable-0.50-weights", "r20-spatial_separable-0.50-data-ft", "r20-spatial_separable-0.50-aimet", "r20-budget-0.50-data-ft"]
+    expected = ["r20-spatial_separable-0.50-weights", "r20-spatial_separable-0.50-data-ft", "r20-spatial_separable-0.50-aimet", "r20-budget-0.50-data-ft", "r20-latency-0.70-data"]
     assert all(name in ids for name in expected), f"rows {ids}"
     assert "failed" not in text, text[-3000:]
     assert out.with_suffix(".json").exists()
