@@ -366,7 +366,7 @@ def _budget_lines(rows: list[dict]) -> list[str]:
         "MACs: planned and achieved are counted; latency: planned is the per-layer timing model's prediction,",
         "achieved is the measured 1-thread ORT time, both as fractions of the original's:",
         "",
-        "| row | target | planned | achieved | layers per method |",
+        "| row | target | planned | achieved | convs per method (all convs; the stem, outside the rule, is keep) |",
         "|---|---|---|---|---|",
     ]
     for row in budgets:
