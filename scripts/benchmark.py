@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,11 +131,9 @@ def _ours(spec: dict, data_dir: Path) -> dict:
     model, shape, pretrained = _model(spec["model"], data_dir, spec.get("quick", False))
     example = example_input_for(model, shape)
     calibration, held = _splits(spec, data_dir) if spec["model"] == "resnet20" else (None, None)
-    started = time.perf_counter()
     result = compressor.compress(
         model, _recipe(spec, BODY[spec["model"]]), example, data=calibration if spec["init"] == "data" else None, progress=False
     )
-    compress_seconds = time.perf_counter() - started
     if held is not None:  # measured here, not in compress(): fine-tuning must not select on these images
         result.eval_batches = held
         result.report["metrics"] = evaluate(result.original, result.model, held)
@@ -156,7 +155,7 @@ def _ours(spec: dict, data_dir: Path) -> dict:
         "finetune_result": {k: report["finetune"].get(k) for k in ("steps", "train_seconds", "before", "after", "stopped_by")}
         if isinstance(report.get("finetune"), dict) and "steps" in report["finetune"]
         else None,
-        "seconds": {**report.get("seconds", {}), "compress_call": compress_seconds},
+        "seconds": report.get("seconds"),
         "output_rel_error": report.get("output_rel_error"),
         "target": {k: report["target"].get(k) for k in ("metric", "fraction", "planned_ratio", "achieved")} if report.get("target") else None,
         "layer_methods": {layer["name"]: layer["method"] for layer in report["layers"]},
@@ -182,9 +181,9 @@ def _peer(spec: dict, data_dir: Path) -> dict:
         "tltorch_cp": lambda conv, rank: peers.tltorch_factorized(conv, "cp", rank),
         "tltorch_tucker": lambda conv, rank: peers.tltorch_factorized(conv, "tucker", rank),
     }[spec["tool"]]
-    started = time.perf_counter()
-    compressed = peers.replace_convs(model, spec["ranks"], build)
-    decompose_seconds = time.perf_counter() - started
+    seconds: dict[str, float] = {}
+    with timed(seconds, "decompose"):
+        compressed = peers.replace_convs(model, spec["ranks"], build)
     macs, params = _count(compressed, shape)
     macs0, params0 = _count(model, shape)
     row: dict = {"pretrained": pretrained, "macs_ratio": macs / macs0, "params_ratio": params / params0}
@@ -193,7 +192,6 @@ def _peer(spec: dict, data_dir: Path) -> dict:
         row["metrics"] = evaluate(model, compressed, held)
     batch = onnx_export.parity_batch(example)
     row["output_rel_error"] = onnx_export.torch_relative_error(model, compressed, batch)
-    seconds = {"decompose": decompose_seconds}
     with tempfile.TemporaryDirectory() as out:
         try:
             with timed(seconds, "export"):
@@ -328,11 +326,16 @@ def _phases(row: dict) -> str:
     return ", ".join(f"{phase} {seconds[phase]:.1f}" for phase in PHASES if isinstance(seconds.get(phase), (int, float)))
 
 
+def _table_head(*columns: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _rows_markdown(rows: list[dict], accuracy: bool) -> list[str]:
-    head = "| row | tool | MACs | params | acc. orig | acc. | agree | ORT x (1 thr) | ORT x (all) | INT8 acc | INT8 agree | INT8 x (1 thr) | INT8 x (all) | wall s | phases (s) | peak MiB |"
+    measured = ("acc. orig", "acc.", "agree", "ORT x (1 thr)", "ORT x (all)", "INT8 acc", "INT8 agree", "INT8 x (1 thr)", "INT8 x (all)")
     if not accuracy:
-        head = "| row | tool | MACs | params | output rel err | ORT x (1 thr) | ORT x (all) | wall s | phases (s) | peak MiB |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+        measured = ("output rel err", "ORT x (1 thr)", "ORT x (all)")
+    lines = _table_head("row", "tool", "MACs", "params", *measured, "wall s", "phases (s)", "peak MiB")
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['id']} | {_tool_label(row)} | failed: {row['error']} |")
@@ -366,14 +369,11 @@ def _budget_lines(rows: list[dict]) -> list[str]:
         "MACs: planned and achieved are counted; latency: planned is the per-layer timing model's prediction,",
         "achieved is the measured 1-thread ORT time, both as fractions of the original's:",
         "",
-        "| row | target | planned | achieved | convs per method (all convs; the stem, outside the rule, is keep) |",
-        "|---|---|---|---|---|",
+        *_table_head("row", "target", "planned", "achieved", "convs per method (all convs; the stem, outside the rule, is keep)"),
     ]
     for row in budgets:
         target = row["target"]
-        chosen: dict[str, int] = {}
-        for method in (row.get("layer_methods") or {}).values():
-            chosen[method] = chosen.get(method, 0) + 1
+        chosen = Counter((row.get("layer_methods") or {}).values())
         lines.append(
             f"| {row['id']} | {target['metric']} <= {target['fraction']:.2f} | {_ratio(target.get('planned_ratio'))} | "
             f"{_ratio(target.get('achieved'))} | {', '.join(f'{m} {n}' for m, n in sorted(chosen.items()))} |"
@@ -390,8 +390,7 @@ def _finetune_lines(rows: list[dict]) -> list[str]:
         "Fine-tuning (on its own 10% split of the calibration images; before/after are agreement on that split;",
         "it keeps the best weights it saw there, the initial ones included, so equal numbers mean it kept them):",
         "",
-        "| row | steps | train s | stopped by | agree before | agree after |",
-        "|---|---|---|---|---|---|",
+        *_table_head("row", "steps", "train s", "stopped by", "agree before", "agree after"),
     ]
     for row in tuned:
         ft = row["finetune_result"]
