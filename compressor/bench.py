@@ -79,6 +79,19 @@ def model_input_shape(path: str | Path, batch: int | None = None) -> tuple[int, 
     return tuple(shape)
 
 
+def _check_fits(sess: ort.InferenceSession, shape: Sequence[int], path) -> None:
+    """Refuse an input shape the model's fixed dimensions reject, before timing: ONNX Runtime would
+    fail mid-run with a multi-line InvalidArgument (e.g. two models built for different sizes)."""
+    declared = sess.get_inputs()[0].shape
+    fixed = [(i, dim) for i, dim in enumerate(declared) if isinstance(dim, int) and dim > 0]
+    if len(declared) != len(shape) or any(shape[i] != dim for i, dim in fixed):
+        shown = "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in declared) + "]"
+        raise CompressorError(
+            f"{path} takes input {shown}, not {list(shape)}: the models to compare must take the same input "
+            "(pass --input-shape for symbolic dimensions)"
+        )
+
+
 def _feed(sess: ort.InferenceSession, shape: Sequence[int], seed: int = 0) -> dict[str, np.ndarray]:
     first = sess.get_inputs()[0]
     dtype = _NUMPY_TYPES.get(first.type)
@@ -113,6 +126,8 @@ def time_models(
     if runs < 1:
         raise ValueError(f"Expected runs >= 1, got {runs}")
     sessions = {name: session(path, threads=threads, providers=providers) for name, path in paths.items()}
+    for name, sess in sessions.items():
+        _check_fits(sess, input_shape, paths[name])
     feeds = {name: _feed(sess, input_shape) for name, sess in sessions.items()}
     for name, sess in sessions.items():
         for _ in range(warmup):
@@ -144,13 +159,15 @@ def benchmark(
 
     ``*_ms`` are medians, ``*_p90_ms`` 90th percentiles; ``speedup`` = original median / compressed
     median. ``extra`` models (e.g. ``{"int8": path}``) are timed in the same rounds and reported as
-    ``int8_ms``, ``int8_p90_ms`` and ``int8_speedup`` (vs the original). Without ``compressed`` only
-    ``original_ms``/``original_p90_ms`` are given. Empty when ``runs`` is 0 or ``threads`` is empty.
+    ``int8_ms``, ``int8_p90_ms`` and ``int8_speedup`` (vs the original). Without ``compressed`` there
+    is nothing to call original or compressed: the one model's times are ``model_ms``/``model_p90_ms``.
+    Empty when ``runs`` is 0 or ``threads`` is empty.
     """
     providers = check_providers(providers)
     if runs <= 0 or not threads:
         return []
-    paths: dict[str, str | Path] = {"original": original}
+    baseline = "original" if compressed is not None else "model"
+    paths: dict[str, str | Path] = {baseline: original}
     if compressed is not None:
         paths["compressed"] = compressed
     paths.update(extra or {})
@@ -167,9 +184,9 @@ def benchmark(
         for name, values in timed.items():
             record[f"{name}_ms"] = values["median_ms"]
             record[f"{name}_p90_ms"] = values["p90_ms"]
-            if name != "original":
+            if name != baseline:
                 key = "speedup" if name == "compressed" else f"{name}_speedup"
-                record[key] = timed["original"]["median_ms"] / values["median_ms"]
+                record[key] = timed[baseline]["median_ms"] / values["median_ms"]
         for key, value in record.items():
             if isinstance(value, float) and not (math.isfinite(value) and value > 0):
                 raise CompressorError(f"latency benchmark measured {key} = {value}; the timer is not usable here")

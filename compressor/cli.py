@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from compressor.recipe import load_recipe
 from compressor.report import render_plan, render_summary
 
 PROG = "compress"
+#: The recipes that ship with the tool; ``--recipe NAME`` finds ``NAME.yaml`` here.
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _input_shape(text: str) -> tuple[int, ...]:
@@ -53,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog=PROG,
         description="Factorize the convolutions of a trained PyTorch model, export it to ONNX and verify it.",
+        # The subcommand is dispatched before parsing (main), so argparse would never list it.
+        epilog=f"other command: {PROG} bench MODEL.onnx [--vs OTHER.onnx] times ONNX models in ONNX Runtime "
+        f"(see {PROG} bench --help). Exit codes: 0 ok, 2 error (one line on stderr), 1 ONNX Runtime parity failure.",
     )
     parser.add_argument("model", metavar="MODEL", help="a state_dict file (with --arch) or a pickled nn.Module (with --trust-model)")
-    parser.add_argument("--recipe", required=True, metavar="RECIPE", help="YAML recipe, e.g. recipes/mobile.yaml")
+    parser.add_argument("--recipe", required=True, metavar="RECIPE", help="YAML recipe file, or the name of a shipped one (e.g. mobile for recipes/mobile.yaml)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: MODEL with the suffix .compressed)")
     parser.add_argument("--force", action="store_true", help="write into an existing non-empty output folder")
     parser.add_argument("--input-shape", type=_input_shape, metavar="N,C,H,W", help="example input shape (overrides the recipe)")
@@ -127,6 +133,18 @@ def _publish(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
+def recipe_source(text: str) -> str:
+    """``text`` itself when it names a file, else a shipped recipe of that name (``mobile`` ->
+    recipes/mobile.yaml); a path that exists nowhere goes on to load_recipe, whose error names it."""
+    if Path(text).exists() or Path(text).suffix or "/" in text:
+        return text
+    shipped = SHIPPED_RECIPES / f"{text}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    names = sorted(p.stem for p in SHIPPED_RECIPES.glob("*.yaml"))
+    raise CompressorError(f"recipe file not found: {text} (shipped recipes: {', '.join(names) or 'none installed'})")
+
+
 def _dataset(path: str | None, shape: tuple[int, ...], recipe):
     if path is None:
         return None
@@ -135,6 +153,25 @@ def _dataset(path: str | None, shape: tuple[int, ...], recipe):
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+
+
+class _OneLineLogWarnings(logging.Handler):
+    """The library's logged warnings (surprising plans, see compressor.caveats) as one stderr line
+    each, like Python warnings; its INFO progress stays off, the terminal output already shows it.
+    Writes to the current sys.stderr, which tests and callers may have replaced."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_warnings_to_stderr() -> None:
+    logger = logging.getLogger("compressor")
+    if not any(isinstance(handler, _OneLineLogWarnings) for handler in logger.handlers):  # main() may run repeatedly
+        logger.addHandler(_OneLineLogWarnings())
+    logger.propagate = False
 
 
 def _providers(text: str) -> list[str]:
@@ -148,10 +185,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     if getattr(args, "providers", None):
         args.overrides = [*args.overrides, f"bench.providers={json.dumps(args.providers)}"]
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(recipe_source(args.recipe), args.overrides)
     shape = args.input_shape or recipe.input_shape
     if shape is None:
         raise CompressorError("no input shape: set input_shape in the recipe or pass --input-shape N,C,H,W")
+    # Shipped recipes say 224x224: a CIFAR-sized model planned at that size runs, with other MACs.
+    source = "--input-shape" if args.input_shape else f"the recipe {args.recipe} (--input-shape N,C,H,W sets another)"
+    console.print(f"input shape {','.join(map(str, shape))} from {source}")
     out = None if args.dry_run else _output_dir(args)
     model = load_model(args.model, arch=args.arch, trust_model=args.trust_model)
     exported_program = is_exported_program(Path(args.model))
@@ -237,7 +277,8 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
     for column in ("threads", "MODEL ms (p90)", *(("OTHER ms (p90)", "speedup") if args.vs else ())):
         table.add_column(column)
     for r in records:
-        row = [threads_label(r["threads"]), f"{r['original_ms']:.3f} ({r['original_p90_ms']:.3f})"]
+        first = "original" if args.vs else "model"
+        row = [threads_label(r["threads"]), f"{r[f'{first}_ms']:.3f} ({r[f'{first}_p90_ms']:.3f})"]
         if args.vs:
             row += [f"{r['compressed_ms']:.3f} ({r['compressed_p90_ms']:.3f})", f"{r['speedup']:.2f}x"]
         table.add_row(*row)
@@ -284,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed = _init_distributed(args.device)
     console = Console(width=None if sys.stdout.isatty() else 200, quiet=_rank() != 0)
     warnings.showwarning = _one_line_warnings
+    _log_warnings_to_stderr()
     try:
         return command(args, console)
     except CompressorError as err:

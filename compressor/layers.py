@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _Pair = tuple[int, int]
@@ -67,9 +68,42 @@ def _original_bias(conv: nn.Conv2d) -> torch.Tensor | None:
     return None if conv.bias is None else conv.bias.detach()
 
 
+class DecoupledSeparable(nn.Sequential):
+    """A depthwise conv with multiplier ``M > 1`` and its pointwise conv, run as ``M`` branches.
+
+    The parameters are the plain chain's (``self[0]``: depthwise, ``in -> in*M``, ``groups=in``;
+    ``self[1]``: pointwise), so decompositions, refits and fine-tuning see one depthwise and one
+    pointwise conv. The forward is Network Decoupling's own form (Guo et al., BMVC 2018): the sum
+    over ``m`` of a multiplier-1 depthwise conv (output channels ``i*M + m``) and the matching
+    pointwise columns. Same outputs; but ONNX Runtime runs multiplier-1 depthwise convs on its NCHWc
+    kernel and fuses each branch's sum into the pointwise conv, while a multiplier above 1 falls off
+    that kernel: measured 1.4-1.7x faster than the chain at M=2 (ResNet-18 layer shapes, 1 thread).
+    Slicing (``stack[:-1]``) gives the plain chain of those modules.
+    """
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return nn.Sequential(*list(self._modules.values())[index])
+        return super().__getitem__(index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        depthwise, pointwise = self[0], self[1]
+        multiplier = depthwise.out_channels // depthwise.in_channels
+        total = None
+        for m in range(multiplier):
+            hidden = F.conv2d(
+                x, depthwise.weight[m::multiplier], None, depthwise.stride, depthwise.padding, depthwise.dilation,
+                depthwise.in_channels,
+            )
+            part = F.conv2d(hidden, pointwise.weight[:, m::multiplier], pointwise.bias if m == 0 else None)
+            total = part if total is None else total + part
+        return total
+
+
 def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwise: torch.Tensor) -> nn.Sequential:
-    """kxk depthwise (stride, padding, dilation of the original) then 1x1 pointwise (bias)."""
-    return nn.Sequential(
+    """kxk depthwise (stride, padding, dilation of the original) then 1x1 pointwise (bias); with a
+    depth multiplier above 1, in the branched form of :class:`DecoupledSeparable`."""
+    factors = (
         _make_conv(
             conv,
             depthwise,
@@ -79,6 +113,16 @@ def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwis
             groups=conv.in_channels,
         ),
         _make_conv(conv, pointwise, bias=_original_bias(conv)),
+    )
+    multiplier = depthwise.shape[0] // conv.in_channels
+    return DecoupledSeparable(*factors) if multiplier > 1 else nn.Sequential(*factors)
+
+
+def build_low_rank(conv: nn.Conv2d, first: torch.Tensor, last: torch.Tensor) -> nn.Sequential:
+    """kxk conv to R channels (stride, padding, dilation of the original), then 1x1 to out (bias)."""
+    return nn.Sequential(
+        _make_conv(conv, first, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation),
+        _make_conv(conv, last, bias=_original_bias(conv)),
     )
 
 
@@ -236,9 +280,19 @@ def build_patch_extractor(
 
 
 def patch_extractor_for(conv: nn.Conv2d, statistic: str) -> nn.Conv2d | None:
-    """The patches a method's first factor reads: ``None`` for plain channels (a 1x1 factor)."""
+    """The patches a method's first factor reads: ``None`` for plain channels (a 1x1 factor).
+
+    ``patches`` are the original conv's whole input patches (``in*kh*kw``, for ``low_rank``).
+    """
     if statistic == "channels":
         return None
+    if statistic == "patches":
+        pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid", "same")
+        if pointwise:
+            return None  # a plain 1x1 conv's patches are its input channels
+        return build_patch_extractor(
+            conv, conv.kernel_size, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation
+        )
     if statistic == "channel_patches":
         return build_patch_extractor(
             conv, conv.kernel_size, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation
@@ -251,4 +305,4 @@ def patch_extractor_for(conv: nn.Conv2d, statistic: str) -> nn.Conv2d | None:
             padding=_axis_padding(conv, 0),
             dilation=(conv.dilation[0], 1),
         )
-    raise ValueError(f"Expected a statistic in channels, channel_patches, column_patches, got {statistic!r}")
+    raise ValueError(f"Expected a statistic in channels, patches, channel_patches, column_patches, got {statistic!r}")

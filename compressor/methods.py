@@ -2,7 +2,7 @@
 
 A registry maps the recipe's method name to a :class:`Method`; the pass code never branches on
 method names. Ranks are per method: the depth multiplier for ``depthwise_separable``, the number of
-intermediate channels for ``spatial_separable`` and ``grouped`` (a multiple of ``groups``).
+intermediate channels for ``spatial_separable``, ``low_rank`` and ``grouped`` (a multiple of ``groups``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from compressor import decompose, layers
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.cp import cp_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank, depthwise_separable_spectrum
+from compressor.decompose.low_rank import low_rank_full_rank, low_rank_spectrum
 from compressor.decompose.spatial import spatial_separable_full_rank, spatial_separable_spectrum
 from compressor.decompose.whiten import Whitening, whiten_input_mode
 from compressor.profile import CallShape
@@ -24,9 +25,9 @@ from compressor.profile import CallShape
 Factors = tuple[torch.Tensor, ...]
 
 #: The input statistics a method's data-aware initialization whitens with (see calibrate.py):
-#: per-input-channel (kh*kw) patch covariances, the (in*kh) covariance of vertical patches, or the
-#: (in x in) covariance of input channels.
-STATISTICS = ("channel_patches", "column_patches", "channels")
+#: per-input-channel (kh*kw) patch covariances, the (in*kh) covariance of vertical patches, the
+#: (in*kh*kw) covariance of whole patches, or the (in x in) covariance of input channels.
+STATISTICS = ("channel_patches", "column_patches", "patches", "channels")
 
 
 def _area(hw: tuple[int, int]) -> int:
@@ -185,6 +186,43 @@ class SpatialSeparable(Method):
         return layers.build_spatial_separable(conv, *factors)
 
 
+class LowRank(Method):
+    """Zhang et al. 2016 channel decomposition: kxk conv in -> R, then 1x1 R -> out (both dense)."""
+
+    name = "low_rank"
+    statistic = "patches"
+
+    def full_rank(self, conv, groups):
+        return low_rank_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size)
+
+    def macs(self, conv, calls, rank, groups):
+        kh, kw = conv.kernel_size
+        per_position = rank * (conv.in_channels * kh * kw + conv.out_channels)
+        return sum(per_position * _area(call.output_hw) for call in calls)
+
+    def params(self, conv, rank, groups):
+        kh, kw = conv.kernel_size
+        return rank * (conv.in_channels * kh * kw + conv.out_channels) + self._bias_params(conv)
+
+    def whitened_weight(self, weight, whitening):
+        weight = weight.detach().to(torch.float64)
+        if whitening is None:
+            return weight
+        return (weight.reshape(weight.shape[0], -1) @ whitening.root).reshape(weight.shape)
+
+    def decompose(self, weight, rank, groups, whitening=None):
+        return decompose.low_rank(weight, rank, whitening=whitening)
+
+    def spectrum(self, weight, groups, whitening):
+        return low_rank_spectrum(weight, whitening)
+
+    def reconstruct(self, conv, factors, groups):
+        return decompose.low_rank_reconstruct(*factors)
+
+    def build(self, conv, factors, groups):
+        return layers.build_low_rank(conv, *factors)
+
+
 class Grouped(Method):
     name = "grouped"
 
@@ -262,7 +300,7 @@ class CP(Method):
         return layers.build_cp(conv, *factors)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (DepthwiseSeparable(), SpatialSeparable(), Grouped(), CP())}
+METHODS: dict[str, Method] = {m.name: m for m in (DepthwiseSeparable(), SpatialSeparable(), LowRank(), Grouped(), CP())}
 """Every rewriting method by recipe name; ``keep`` is the absence of one."""
 
 

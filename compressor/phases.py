@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: The phases in the order a run meets them. report.json's ``seconds`` also has ``total``: compress()
-#: end to end, which excludes the last four (they run in Result.save()).
+#: Progress for API users, who see no terminal output: ``logging.basicConfig(level=logging.INFO)``
+#: shows each phase as it starts; DEBUG adds every timed step's duration.
+log = logging.getLogger("compressor")
+
+#: The phases in the order a run meets them. report.json's ``seconds`` also has ``total``, last: the
+#: whole run, compress() and Result.save() together (loading the model and data files excluded).
 PHASES = ("trace", "calibrate", "ranks", "decompose", "refit", "finetune", "evaluate", "export", "verify", "int8", "latency")
 
 
@@ -16,8 +21,12 @@ def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     """Add the wall time of the ``with`` body to ``seconds[phase]`` (also when it raises)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+    if phase not in seconds:  # decompose and refit are timed once per layer: announce each phase once
+        log.info("%s started", phase)
     started = time.perf_counter()
     try:
         yield
     finally:
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        seconds[phase] = seconds.get(phase, 0.0) + elapsed
+        log.debug("%s step took %.2fs (%.2fs so far)", phase, elapsed, seconds[phase])

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -29,7 +31,8 @@ from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_f
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
-from compressor.report import layer_record, totals_record
+from compressor.caveats import plan_caveats
+from compressor.report import layer_record, planned_totals, render_plan, totals_record
 from compressor.report_md import FILES as REPORT_MD_FILES, write_report_md
 from compressor.bench import latency_step
 from compressor.latency import latency_cost_for
@@ -39,6 +42,8 @@ from compressor.quantize import INT8_FILE, int8_step
 EXPORTED_PROGRAM_FILE = "compressed.pt2"
 #: Every file a run may write (which ones depend on the recipe: report.json lists them as ``files``).
 OUTPUT_FILES = ("compressed.pt", "original.onnx", "compressed.onnx", INT8_FILE, "report.json", *REPORT_MD_FILES)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,10 +73,19 @@ class Plan:
             "init": self.init,
             "calibration_samples": sum(batch.shape[0] for batch in self.calibration or ()),
             "layers": [layer_record(layer) for layer in self.layers],
+            "totals": planned_totals(totals(self.profiles), self.layers),
         }
         if self.target is not None:
             report["target"] = self.target
         return report
+
+    def __str__(self) -> str:
+        """The table ``compress --dry-run`` prints (the dataclass repr stays for debugging)."""
+        from rich.console import Console
+
+        text = io.StringIO()
+        render_plan(self.report(), Console(file=text, width=120, color_system=None))
+        return text.getvalue().rstrip("\n")
 
 
 def example_input_for(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
@@ -222,7 +236,10 @@ def plan(
         if recipe.target is not None and recipe.target.metric == "latency":
             latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
         target = assign_ranks(layers, traced.module, profiles, recipe, statistics, latency)
-    return Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
+    result = Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
+    for caveat in plan_caveats(result.report(), recipe):
+        log.warning(caveat)
+    return result
 
 
 @dataclass
@@ -281,13 +298,16 @@ class Result:
         return result
 
     def save(self, out_dir: str | Path, *, final_dir: str | Path | None = None, exported_program: bool = False) -> Path:
-        """Write compressed.pt, original.onnx, compressed.onnx and report.json into ``out_dir``.
+        """Write every output file into ``out_dir``: compressed.pt, original.onnx, compressed.onnx,
+        report.json, report.md with its plots, and what the recipe adds (compressed.int8.onnx);
+        report.json's ``files`` lists them.
 
         report.json is written even when parity fails, so the numbers are there to inspect.
         ``final_dir``: where the files will be moved afterwards (the CLI writes into a staging
         folder); report.json records the ONNX paths there. ``exported_program``: also write
         compressed.pt2, a ``torch.export`` archive (the safe format, for inputs that were one).
         """
+        started = time.perf_counter()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         seconds = self.report.setdefault("seconds", {})
@@ -323,6 +343,8 @@ class Result:
                         onnx[key] = str(Path(final_dir) / Path(onnx[key]).name)
             written = [name for name in (*OUTPUT_FILES, EXPORTED_PROGRAM_FILE) if (out / name).exists()]
             # report.md comes from the same numbers; on a failed verification it explains the failure.
+            # total: compress() plus this save, so it covers export, verify, int8 and latency too; last.
+            seconds["total"] = seconds.pop("total", 0.0) + time.perf_counter() - started
             written += write_report_md(self.report, out)
             self.report["files"] = sorted({*written, "report.json"})
             (out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
@@ -456,6 +478,8 @@ def compress(
         elif data is None:
             finetuned = {"skipped": "no --data: fine-tuning needs training data"}
         else:
+            budget = ", ".join(f"{key} {getattr(tuning, key)}" for key in ("steps", "epochs", "max_minutes") if getattr(tuning, key) is not None)
+            log.info("fine-tuning by distillation until the first of: %s (the recipe's finetune section)", budget)
             with timed(seconds, "finetune"):
                 finetuned = finetune(
                     compressed, original, tuning, data, holdout, example_input,
@@ -481,6 +505,7 @@ def compress(
             report["metrics"] = evaluate(original, compressed, eval_batches)
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = seconds
+    log.info("compressed in %.1fs; Result.save() exports, verifies and benchmarks", seconds["total"])
     return Result(
         compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration
     )

@@ -8,7 +8,7 @@ A recipe is a YAML mapping validated by the pydantic models below::
     rules:                            # required, ordered, first match wins
       - match: "layer*.conv*"         # glob (whole name, ``*`` crosses dots) or "re:<regex>" (full match),
                                       # or a non-empty list of those (any may match)
-        method: depthwise_separable   # depthwise_separable | spatial_separable | grouped | cp | keep,
+        method: depthwise_separable   # depthwise_separable | spatial_separable | low_rank | grouped | cp | keep,
                                       # or a list of them (the budget solver picks one per layer; needs target)
         rank: full                    # positive int | "full" | {macs: f} | {params: f} (0 < f <= 1)
                                       # | {energy: e} (0 < e <= 1) | vbmf; unset: "full", or chosen by target
@@ -43,6 +43,10 @@ A recipe is a YAML mapping validated by the pydantic models below::
       providers: [CPUExecutionProvider]
       cache: ~/.cache/compressor/latency   # per-layer timings for target: {latency: f}
       layer_runs: 20
+    task:                             # optional: what the outputs are (default: detected)
+      kind: auto                      # auto | classification | segmentation | other
+      ignore_index: 255               # segmentation labels to ignore
+      weights: [1.0, 0.5]             # fine-tune loss weight per output (default 1 each)
 
 Entry points: :func:`load_recipe` (path, dict or ``Recipe``, plus ``--set KEY=VALUE`` overrides) and
 :func:`apply_overrides`. Every user error is raised as a single-line :class:`~compressor.errors.RecipeError`.
@@ -88,6 +92,7 @@ __all__ = [
     "MacsRank",
     "ParamsRank",
     "Target",
+    "TaskConfig",
     "Method",
     "Rank",
     "Recipe",
@@ -97,12 +102,12 @@ __all__ = [
 ]
 
 #: The rewrite methods a rule may name, in documentation order.
-METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "grouped", "cp", "keep")
+METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep")
 
 #: A ``match`` pattern starting with this prefix is a regular expression (full match), not a glob.
 REGEX_PREFIX = "re:"
 
-Method = Literal["depthwise_separable", "spatial_separable", "grouped", "cp", "keep"]
+Method = Literal["depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep"]
 assert get_args(Method) == METHODS  # keep the constant and the Literal in step
 
 # Strict: rejects bools, strings and floats instead of silently coercing them.
@@ -497,6 +502,30 @@ class FineTune(BaseModel):
         return 1e-3 if self.optimizer == "adamw" else 1e-2
 
 
+class TaskConfig(BaseModel):
+    """What the model's outputs are, for distillation and metrics (see :mod:`compressor.task`).
+
+    ``kind: auto`` detects it from the outputs on the example input: one (N, K) output is
+    classification, one (N, K, H, W) output segmentation, anything else ``other``. Set it to treat
+    the first of several outputs as logits. ``weights``: one per output (flattened in the model's
+    order), weighing each output's term in the fine-tune's loss; default 1 each.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "classification", "segmentation", "other"] = "auto"
+    #: Segmentation labels with this value mark positions without a label.
+    ignore_index: Annotated[int, Field(strict=True)] = 255
+    weights: Optional[Annotated[list[Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]], Field(strict=True)]] = None
+
+    @field_validator("weights", mode="after")
+    @classmethod
+    def _some_weight(cls, value: Optional[list[float]]) -> Optional[list[float]]:
+        if value is not None and not any(w > 0 for w in value):
+            raise ValueError(f"expected one weight >= 0 per output, at least one > 0; got {_short_repr(value)}")
+        return value
+
+
 class Recipe(BaseModel):
     """A validated recipe. Rules are ordered; the first rule that selects a layer wins."""
 
@@ -513,6 +542,7 @@ class Recipe(BaseModel):
     finetune: Optional[FineTune] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
 
     @field_validator("name", "description", mode="before")
     @classmethod
@@ -521,6 +551,12 @@ class Recipe(BaseModel):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         return value
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        # ``task: segmentation`` is short for ``task: {kind: segmentation}``.
+        return {"kind": value} if isinstance(value, str) else value
 
     @field_validator("input_shape", mode="before")
     @classmethod

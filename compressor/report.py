@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from compressor.passes.match import LayerPlan
@@ -52,6 +54,16 @@ def totals_record(before: dict[str, int], after: dict[str, int]) -> dict[str, fl
     }
 
 
+def planned_totals(before: dict[str, int], layers: Sequence) -> dict[str, float | int]:
+    """:func:`totals_record` of a plan: ``before`` (every Conv2d and Linear, as profiled) changed by each
+    planned layer's cost, so a dry run counts MACs as the finished run does."""
+    after = {
+        key: before[key] + sum((getattr(l, f"{key}_after") or 0) - (getattr(l, f"{key}_before") or 0) for l in layers)
+        for key in ("macs", "params")
+    }
+    return totals_record(before, after)
+
+
 def format_count(value: int | None) -> str:
     """``1.23M``-style counts for tables (``-`` for unknown)."""
     if value is None:
@@ -62,38 +74,79 @@ def format_count(value: int | None) -> str:
     return str(value)
 
 
-def _layer_table(layers: Sequence[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("layer", "method", "rank", "kernel", "MACs before", "MACs after", "params before", "params after", "weight err", "output err", "note"):
-        table.add_column(column, overflow="fold")
-    for layer in layers:
-        kernel = "x".join(map(str, layer["kernel"])) if layer["kernel"] else "-"
-        rank = "-" if layer["rank"] is None else str(layer["rank"]) + (f"/g{layer['groups']}" if layer["groups"] > 1 else "")
-        error = "-" if layer["weight_rel_error"] is None else f"{layer['weight_rel_error']:.2e}"
-        output_error = "-" if layer.get("output_rel_error") is None else f"{layer['output_rel_error']:.2e}"
-        note = "; ".join(text for text in (layer["skipped_reason"], layer.get("note")) if text)
-        table.add_row(
-            layer["name"],
-            layer["method"],
-            rank,
-            kernel,
-            format_count(layer["macs_before"]),
-            format_count(layer["macs_after"]),
-            format_count(layer["params_before"]),
-            format_count(layer["params_after"]),
-            error,
-            output_error,
-            note,
-        )
+#: The terminal table's columns; report.md has these and more (see report_md._layer_table).
+COLUMNS = ("layer", "method", "rank", "kernel", "MACs", "params", "weight err", "output err", "note")
+#: Left out in this order while the table is wider than the terminal, so that names and numbers
+#: never wrap; report.md keeps every column.
+OPTIONAL_COLUMNS = ("params", "kernel", "output err", "weight err")
+
+
+def _cells(layer: dict) -> dict[str, str]:
+    rank = "-" if layer["rank"] is None else str(layer["rank"]) + (f"/g{layer['groups']}" if layer["groups"] > 1 else "")
+    error, output_error = layer["weight_rel_error"], layer.get("output_rel_error")
+    return {
+        "layer": layer["name"],
+        "method": layer["method"],
+        "rank": rank,
+        "kernel": "x".join(map(str, layer["kernel"])) if layer["kernel"] else "-",
+        "MACs": f"{format_count(layer['macs_before'])} -> {format_count(layer['macs_after'])}",
+        "params": f"{format_count(layer['params_before'])} -> {format_count(layer['params_after'])}",
+        "weight err": "-" if error is None else f"{error:.2e}",
+        "output err": "-" if output_error is None else f"{output_error:.2e}",
+        "note": "; ".join(text for text in (layer["skipped_reason"], layer.get("note")) if text),
+    }
+
+
+#: The note column folds, down to this width; every other column keeps its cells on one line.
+NOTE_WIDTH = 16
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[dict[str, str]], *, folded_notes: bool = False) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in columns:
+        if column == "note":
+            table.add_column(column, overflow="fold", min_width=min(NOTE_WIDTH, max((len(r["note"]) for r in rows), default=0)))
+        else:
+            table.add_column(column, no_wrap=True)
+    for row in rows:
+        # folded_notes: the narrowest the note column can get, for measuring
+        table.add_row(*(row[column][:NOTE_WIDTH] if folded_notes and column == "note" else row[column] for column in columns))
     return table
 
 
+def layer_table(layers: Sequence[dict], title: str, console: Console) -> tuple[Table, list[str]]:
+    """The per-layer table at the console's width, and the columns left out to fit it."""
+    rows = [_cells(layer) for layer in layers]
+    dropped: list[str] = []
+    for drop in (None, *OPTIONAL_COLUMNS):
+        if drop is not None:
+            dropped.append(drop)
+        columns = [c for c in COLUMNS if c not in dropped]
+        narrowest = _table(title, columns, rows, folded_notes=True)
+        if Measurement.get(console, console.options.update(max_width=10**6), narrowest).maximum <= console.width:
+            break
+    return _table(title, columns, rows), dropped
+
+
+def _print_layers(report: dict, title: str, console: Console, where: str) -> None:
+    table, dropped = layer_table(report["layers"], title, console)
+    console.print(table)
+    if dropped:
+        console.print(f"({', '.join(dropped)} left out to fit {console.width} columns; {where})")
+
+
 def render_plan(report: dict, console: Console) -> None:
-    console.print(_layer_table(report["layers"], f"Plan ({report['graph']} graph)"))
-    planned_before = sum(l["macs_before"] or 0 for l in report["layers"])
-    planned_after = sum(l["macs_after"] or 0 for l in report["layers"])
-    console.print(f"conv MACs: {format_count(planned_before)} -> {format_count(planned_after)} (per sample)")
+    _print_layers(report, f"Plan ({report['graph']} graph)", console, "a wider terminal shows them")
+    _render_totals(report["totals"], console)
     _render_init_and_target(report, console)
+
+
+def _render_totals(totals: dict, console: Console) -> None:
+    console.print(
+        f"Totals (Conv2d + Linear, per sample): MACs {format_count(totals['macs_before'])} -> {format_count(totals['macs_after'])} "
+        f"(x{totals['macs_ratio']:.3f}), params {format_count(totals['params_before'])} -> {format_count(totals['params_after'])} "
+        f"(x{totals['params_ratio']:.3f})"
+    )
 
 
 def _render_init_and_target(report: dict, console: Console) -> None:
@@ -111,13 +164,8 @@ def _render_init_and_target(report: dict, console: Console) -> None:
 
 
 def render_summary(report: dict, console: Console) -> None:
-    console.print(_layer_table(report["layers"], f"Layers ({report['graph']} graph)"))
-    totals = report["totals"]
-    console.print(
-        f"Totals (Conv2d + Linear, per sample): MACs {format_count(totals['macs_before'])} -> {format_count(totals['macs_after'])} "
-        f"(x{totals['macs_ratio']:.3f}), params {format_count(totals['params_before'])} -> {format_count(totals['params_after'])} "
-        f"(x{totals['params_ratio']:.3f})"
-    )
+    _print_layers(report, f"Layers ({report['graph']} graph)", console, "report.md has every column")
+    _render_totals(report["totals"], console)
     console.print(f"PyTorch output, compressed vs original: relative error {report['output_rel_error']:.3e}")
     onnx = report.get("onnx")
     if onnx:

@@ -77,3 +77,19 @@ def test_bench_subcommand_missing_file_is_exit_2_with_one_line(tmp_path, capsys)
     assert cli.main(["bench", str(tmp_path / "nope.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("compress: error: ONNX file not found"), err
+
+
+def test_bench_models_of_different_input_sizes_is_exit_2_with_one_line(onnx_pair, tmp_path, capsys):
+    other = export_onnx(tiny_net(), torch.randn(1, 3, 40, 40), tmp_path / "c40.onnx")
+    code = cli.main(["bench", str(onnx_pair[0]), "--vs", str(other), "--runs", "2", "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit {code}, stderr {err}"
+    assert len(err) == 1 and err[0].startswith("compress: error: ") and "c40.onnx" in err[0], err
+    assert "internal error" not in err[0] and "40" in err[0], err
+
+
+def test_bench_json_of_one_model_names_its_fields_model(onnx_pair, capsys):
+    assert cli.main(["bench", str(onnx_pair[0]), "--runs", "2", "--threads", "1", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["model_ms"] > 0 and record["model_p90_ms"] >= record["model_ms"], record
+    assert not [key for key in record if key.startswith(("original", "compressed"))], record

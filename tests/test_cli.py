@@ -575,3 +575,51 @@ def test_a_failed_save_leaves_no_output_and_no_staging_folder(tmp_path, tiny_sta
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == ["model.pt"], f"a failed run left {leftovers}"
     assert "simulated exporter crash" in capsys.readouterr().err
+
+
+def test_help_names_the_bench_subcommand(runs):
+    proc, _ = runs.result("help")
+    assert proc.returncode == 0, shown(proc)
+    assert "compress bench MODEL.onnx" in " ".join(proc.stdout.split()), proc.stdout
+
+
+def _dry_run(tmp_path, tiny_state_dict, capsys, *args):
+    model = tmp_path / "model.pt"
+    torch.save(tiny_state_dict, model)
+    from compressor import cli
+
+    code = cli.main(["--arch", ARCH, "--dry-run", *args, str(model)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_shipped_recipe_is_found_by_name(tmp_path, tiny_state_dict, capsys):
+    code, out, err = _dry_run(tmp_path, tiny_state_dict, capsys, "--recipe", "lossless", "--input-shape", SHAPE)
+    assert code == 0, err
+    assert "Plan (fx graph)" in out and "depthwise_separable" in out, out
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, tiny_state_dict, capsys):
+    code, _, err = _dry_run(tmp_path, tiny_state_dict, capsys, "--recipe", "mobil", "--input-shape", SHAPE)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "recipe file not found: mobil" in lines[0] and "mobile" in lines[0] and "lossless" in lines[0], lines
+
+
+@pytest.mark.parametrize("args, source", [(("--input-shape", SHAPE), "from --input-shape"), ((), "from the recipe mobile")])
+def test_the_terminal_says_where_the_input_shape_came_from(tmp_path, tiny_state_dict, capsys, args, source):
+    code, out, err = _dry_run(tmp_path, tiny_state_dict, capsys, "--recipe", "mobile", *args)
+    assert code == 0, err
+    shape = SHAPE if args else "1,3,224,224"
+    assert f"input shape {shape} {source}" in out, out
+
+
+def test_surprising_plans_are_one_line_warnings(tmp_path, tiny_state_dict, capsys):
+    code, _, err = _dry_run(tmp_path, tiny_state_dict, capsys, "--recipe", "mobile", "--input-shape", SHAPE,
+                            "--set", "rules.0.rank=null")
+    warned = [line for line in err.splitlines() if line.startswith(WARNING_PREFIX)]
+    assert code == 0 and len(warned) == 1 and "grows MACs" in warned[0], err
+    code, _, err = _dry_run(tmp_path, tiny_state_dict, capsys, "--recipe", "mobile", "--input-shape", SHAPE,
+                            "--set", "target={macs: 0.8}")
+    warned = [line for line in err.splitlines() if line.startswith(WARNING_PREFIX)]
+    assert code == 0 and len(warned) == 1 and "changes nothing" in warned[0] and "rules.0.rank=null" in warned[0], err

@@ -6,9 +6,10 @@ import torch
 from compressor import decompose
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank
+from compressor.decompose.low_rank import low_rank_full_rank
 from compressor.decompose.spatial import spatial_separable_full_rank
 
-SHAPES = [(16, 8, 3, 3), (13, 7, 3, 5), (5, 11, 1, 5), (9, 6, 7, 1), (6, 4, 5, 5)]
+SHAPES = [(16, 8, 3, 3), (13, 7, 3, 5), (5, 11, 1, 5), (9, 6, 7, 1), (6, 4, 5, 5), (7, 9, 1, 1)]
 
 
 def _rel(approx, weight):
@@ -23,6 +24,10 @@ def _spatial(weight, rank):
     return decompose.spatial_separable_reconstruct(*decompose.spatial_separable(weight, rank))
 
 
+def _low_rank(weight, rank):
+    return decompose.low_rank_reconstruct(*decompose.low_rank(weight, rank))
+
+
 def _block_term(groups):
     def run(weight, rank):
         return decompose.block_term_reconstruct(*decompose.block_term(weight, rank, groups), groups)
@@ -33,12 +38,13 @@ def _block_term(groups):
 FULL_RANK = {
     "depthwise": lambda o, i, kh, kw: depthwise_separable_full_rank(o, kh, kw),
     "spatial": lambda o, i, kh, kw: spatial_separable_full_rank(o, i, kh, kw),
+    "low_rank": lambda o, i, kh, kw: low_rank_full_rank(o, i, kh, kw),
     "tucker": lambda o, i, kh, kw: block_term_full_rank(o, i, kh, kw, 1),
     "btd2": lambda o, i, kh, kw: block_term_full_rank(o, i, kh, kw, 2),
     "btd3": lambda o, i, kh, kw: block_term_full_rank(o, i, kh, kw, 3),
 }
-RUN = {"depthwise": _depthwise, "spatial": _spatial, "tucker": _block_term(1), "btd2": _block_term(2), "btd3": _block_term(3)}
-STEP = {"depthwise": 1, "spatial": 1, "tucker": 1, "btd2": 2, "btd3": 3}
+RUN = {"depthwise": _depthwise, "spatial": _spatial, "low_rank": _low_rank, "tucker": _block_term(1), "btd2": _block_term(2), "btd3": _block_term(3)}
+STEP = {"depthwise": 1, "spatial": 1, "low_rank": 1, "tucker": 1, "btd2": 2, "btd3": 3}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -68,6 +74,7 @@ def test_factors_keep_dtype(dtype):
     for factors in (
         decompose.depthwise_separable(weight, 2),
         decompose.spatial_separable(weight, 3),
+        decompose.low_rank(weight, 5),
         decompose.tucker2(weight, 4, 4),
         decompose.block_term(weight, 4, 2),
     ):
@@ -105,6 +112,7 @@ def test_block_term_is_deterministic():
         (lambda w: decompose.depthwise_separable(w, 10), "depth multiplier <= 9"),
         (lambda w: decompose.depthwise_separable(w, 0), "positive integer"),
         (lambda w: decompose.spatial_separable(w, 25), "rank <= 24"),
+        (lambda w: decompose.low_rank(w, 17), "rank <= 16"),
         (lambda w: decompose.block_term(w, 5, 2), "divisible by groups=2"),
         (lambda w: decompose.spatial_separable(w[0], 1), "4-d conv kernel"),
     ],

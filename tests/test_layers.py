@@ -9,12 +9,12 @@ from torch import nn
 from compressor import layers
 from compressor.methods import METHODS, factorize
 
-KERNELS = [(3, 3), (5, 5), (3, 1), (1, 5), (7, 7)]
+KERNELS = [(3, 3), (5, 5), (3, 1), (1, 5), (7, 7), (1, 1)]
 STRIDES = [1, 2, (2, 1)]
 PADDINGS = [0, 1, "same", (2, 1)]
 DILATIONS = [1, 2]
 BIASES = [True, False]
-METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("grouped", 1), ("grouped", 2)]
+METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("low_rank", 1), ("grouped", 1), ("grouped", 2)]
 IN_CHANNELS, OUT_CHANNELS = 5, 7
 TOLERANCE = 2e-5  # float32 layers; factor math is float64, the stack runs in float32
 
@@ -111,3 +111,27 @@ def test_check_stack_catches_a_wrong_stride():
     stack[0].stride = (1, 1)
     with pytest.raises(AssertionError, match="output"):
         layers.check_stack(conv, stack)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, "same", 1), ((2, 1), (2, 1), 2)])
+def test_depthwise_separable_is_exact_in_the_branched_form_for_every_multiplier(stride, padding, dilation):
+    """Multipliers above 1 run as a sum of multiplier-1 branches (ONNX Runtime's fast depthwise
+    kernel); each must compute what the plain depthwise -> pointwise chain computes."""
+    if padding == "same" and stride != 1:
+        stride = 1
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, dilation=dilation, bias=True)
+    spec = METHODS["depthwise_separable"]
+    x = torch.randn(2, 6, 15, 13)
+    for multiplier in range(1, spec.full_rank(conv, 1) + 1):
+        stack, _ = factorize(spec, conv, multiplier, 1)
+        chain = nn.Sequential(*stack)  # the same modules run one after the other
+        with torch.no_grad():
+            branched, plain = stack(x), chain(x)
+        error = ((branched - plain).norm() / plain.norm()).item()
+        expected_type = layers.DecoupledSeparable if multiplier > 1 else nn.Sequential
+        assert type(stack) is expected_type, f"M={multiplier}: stack is {type(stack).__name__}"
+        assert error < 1e-6, f"M={multiplier}: branched vs chain relative error {error:.3e}"
+        assert type(stack[:-1]) is nn.Sequential and stack[:-1][0] is stack[0], "a slice must be the plain chain"
+    full_error = ((stack(x) - conv(x)).norm() / conv(x).norm()).item()
+    assert full_error < TOLERANCE, f"full rank M={multiplier}: relative error {full_error:.3e}"

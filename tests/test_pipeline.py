@@ -23,7 +23,7 @@ SMALL_MODELS = {
     "resnet20_cifar": (lambda: zoo.resnet20_cifar(), (1, 3, 32, 32)),
     "edge_cases": (lambda: zoo.edge_cases(), (1, 3, 32, 32)),
 }
-METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("grouped", 1), ("grouped", 2)]
+METHOD_GROUPS = [("depthwise_separable", 1), ("spatial_separable", 1), ("low_rank", 1), ("grouped", 1), ("grouped", 2)]
 EXACT = 1e-4  # relative output error of a float32 model rewritten at full rank
 
 
@@ -157,7 +157,7 @@ def test_macs_budget_picks_the_largest_rank_under_it():
     assert totals["macs_after"] < totals["macs_before"], totals
 
 
-@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped"])
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "low_rank", "grouped"])
 def test_larger_budget_never_lowers_a_rank_or_raises_an_error(method):
     """Per layer, rank and weight error are monotone in the MACs budget.
 
@@ -222,7 +222,7 @@ def _calibration(batches=4, size=8, seed=2):
     return [torch.randn(size, 3, 32, 32, generator=generator) for _ in range(batches)]
 
 
-@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped", "cp"])
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp"])
 def test_data_aware_init_lowers_the_output_error(method):
     model, x = _build("resnet20_cifar")
     recipe = {"rules": [{"match": "layer1*", "method": method, "rank": {"macs": 0.4}}], "calibration": {"samples": 32}}
@@ -266,7 +266,7 @@ def test_impossible_budget_names_the_minimum_reachable():
 
 
 @pytest.mark.parametrize("rank", [{"energy": 0.9}, "vbmf", {"params": 0.5}])
-@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "grouped", "cp"])
+@pytest.mark.parametrize("method", ["depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp"])
 def test_every_rank_form_on_every_method(method, rank):
     model, x = _build("resnet20_cifar")
     recipe = {"rules": [{"match": "layer1.0.conv*", "method": method, "rank": rank, "round_to": 2}]}

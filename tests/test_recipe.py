@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RULE_KEYS = "match, method, rank, round_to, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
 TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, finetune, export, bench"
-METHOD_NAMES = ("depthwise_separable", "spatial_separable", "grouped", "cp", "keep")
+METHOD_NAMES = ("depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep")
 RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
 )
@@ -945,7 +945,7 @@ def test_new_keys_round_trip(tmp_path: Path) -> None:
 
 
 METHOD_EXPECTED = (
-    "expected one of 'depthwise_separable', 'spatial_separable', 'grouped', 'cp', 'keep', or a non-empty list of them"
+    "expected one of 'depthwise_separable', 'spatial_separable', 'low_rank', 'grouped', 'cp', 'keep', or a non-empty list of them"
 )
 
 

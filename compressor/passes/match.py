@@ -119,7 +119,7 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
         for i in indices:
             selected[i] += 1
         if not indices:
-            plans.append(_conv_entry(name, conv, profile, reason="no rule matches"))
+            plans.append(_conv_entry(name, conv, profile, reason=_unselected_reason(recipe.rules, name, conv)))
             continue
         index = indices[0]
         applied[index] += 1
@@ -134,6 +134,27 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
         names = ", ".join(name for name, _ in convs) or "(none)"
         raise RecipeError(f"{label} matches no layer; the Conv2d layers are: {names}")
     return plans + _functional_entries(module)
+
+
+def _unselected_reason(rules, name: str, conv: nn.Conv2d) -> str:
+    """Why no rule selects ``name``: the filters of the first rule whose pattern matches it (a layer
+    kept by ``min_in_channels`` should say so), or that no pattern matches."""
+    kh, kw = conv.kernel_size
+    for index, rule in enumerate(rules):
+        if not rule.matches_name(name):
+            continue
+        unmet = []
+        if rule.kernel_size is not None and (kh, kw) != tuple(rule.kernel_size):
+            unmet.append(f"kernel_size {list(rule.kernel_size)} (it is {kh}x{kw})")
+        if rule.min_kernel_size is not None and min(kh, kw) < rule.min_kernel_size:
+            unmet.append(f"min_kernel_size {rule.min_kernel_size} (it is {kh}x{kw})")
+        if rule.min_in_channels is not None and conv.in_channels < rule.min_in_channels:
+            unmet.append(f"min_in_channels {rule.min_in_channels} (it has {conv.in_channels})")
+        if rule.min_out_channels is not None and conv.out_channels < rule.min_out_channels:
+            unmet.append(f"min_out_channels {rule.min_out_channels} (it has {conv.out_channels})")
+        if unmet:
+            return f"excluded by {rule.describe(index)} filter {', '.join(unmet)}"
+    return "no rule matches"
 
 
 def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: int, *, solved: bool) -> LayerPlan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.fx
 from torch import nn
 
+from compressor import walk
 from compressor.passes.functional import FunctionalConv
 
 
@@ -15,7 +16,7 @@ def _parent_name(target: str) -> tuple[str, str]:
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent, name = _parent_name(target)
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+    setattr(walk.get_submodule(root, parent), name, module)
 
 
 def swap_(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -25,9 +26,9 @@ def swap_(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     That is enough to run the model (the calibration refits run on such a copy); :func:`rewrite_`
     also inlines the chains so that the graph shows the factors.
     """
-    replaced = {id(model.get_submodule(target)): target for target in replacements}
+    replaced = {id(walk.get_submodule(model, target)): target for target in replacements}
     aliases: dict[str, list[str]] = {target: [] for target in replacements}
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in walk.named_modules(model, remove_duplicate=False):
         if id(module) in replaced:
             aliases[replaced[id(module)]].append(name)
     for target in sorted(replacements):
@@ -50,6 +51,8 @@ def rewrite_(model: nn.Module, replacements: dict[str, nn.Sequential]) -> nn.Mod
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in replacements:
                 continue
+            if type(replacements[node.target]) is not nn.Sequential:
+                continue  # a stack with a forward of its own (layers.DecoupledSeparable) stays one call
             value = node.args[0] if node.args else node.kwargs["input"]
             with graph.inserting_before(node):
                 for index in range(len(replacements[node.target])):

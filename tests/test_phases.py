@@ -1,0 +1,46 @@
+"""report.json ``seconds``: phases and the whole-run ``total``; progress logged for API users."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import compressor
+from compressor.phases import PHASES
+from tests.models_for_cli import INPUT_SHAPE, tiny_net
+
+RECIPE = {
+    "rules": [{"match": "*", "method": "spatial_separable", "rank": 2, "min_kernel_size": 3}],
+    "bench": {"threads": [1], "runs": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    result = compressor.compress(tiny_net(), RECIPE, torch.randn(INPUT_SHAPE))
+    result.save(tmp_path_factory.mktemp("phases"))
+    return result.report
+
+
+def test_total_is_the_whole_run_and_comes_last(saved):
+    seconds = saved["seconds"]
+    assert list(seconds)[-1] == "total", list(seconds)
+    phases = {key: value for key, value in seconds.items() if key != "total"}
+    assert {"export", "verify", "latency"} <= set(phases), seconds
+    # The phases are disjoint slices of compress() and save(): the whole run cannot take less.
+    assert seconds["total"] >= sum(phases.values()), f"total {seconds['total']:.3f}s < sum of phases {sum(phases.values()):.3f}s: {seconds}"
+
+
+def test_phases_are_known_and_in_run_order(saved):
+    phases = [key for key in saved["seconds"] if key != "total"]
+    assert phases == sorted(phases, key=PHASES.index), phases
+
+
+def test_compress_logs_each_phase_once_for_api_users(caplog):
+    caplog.set_level(logging.INFO, logger="compressor")
+    compressor.compress(tiny_net(), RECIPE, torch.randn(INPUT_SHAPE))
+    started = [r.getMessage() for r in caplog.records if r.getMessage().endswith(" started")]
+    assert started == ["trace started", "ranks started", "decompose started", "evaluate started"], started
+    assert any(r.getMessage().startswith("compressed in ") for r in caplog.records), [r.getMessage() for r in caplog.records]
