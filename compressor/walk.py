@@ -1,0 +1,146 @@
+"""One pass of the calibration data through the original and the compressed network, side by side.
+
+:func:`walk_` runs a traced ``GraphModule`` node by node, in the graph's (topological, which for a
+traced forward is also execution) order, each node over every calibration batch before the next
+node. It carries two environments: every live node's activations in the *original* network and in
+the network *compressed so far*. When it reaches a conv named in ``visit``, it hands the callback
+that conv's original outputs and compressed-network inputs (per batch); the callback returns the
+module that replaces the conv in the compressed network (a refitted factor stack, or the conv
+itself), and the walk continues with that module's outputs. Every module therefore runs at most
+twice per batch (once per network, once for both while the networks still agree), so the forward
+work is linear in depth, where re-running both networks from the input for every layer was
+quadratic.
+
+The compressed network the callback sees is exactly what a copy of the model with every earlier
+visited conv swapped for its replacement would compute: same modules, same order, same batches.
+
+Memory: an activation is freed after its last user has run, so what is held is the live
+activations of both networks (one copy while they agree) for the whole calibration set, plus what
+the callback keeps. For a CIFAR ResNet at 512 images that is tens of MB; the largest live set of an
+ImageNet ResNet-50 at 224x224 (a 256x56x56 block input and its branch, in both networks) is about
+2.5 GB per 512 images in float32. The calibration set is not chunked: a layer's refit needs all of
+it before the walk may go on, so chunking would not lower the peak; size ``calibration.samples``
+to fit.
+
+What the walk cannot serve, :func:`supports` says (and the caller falls back to re-running the
+networks per layer): a model FX could not trace, a visited conv called more than once (its refit
+would need inputs that only exist after the walk has passed it), or extra inputs without defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+Visit = Callable[[str, list[torch.Tensor], list[torch.Tensor]], nn.Module]
+"""``(conv name, original outputs per batch, compressed-network inputs per batch) -> module`` that
+runs in the compressed network from here on."""
+
+
+def supports(module: nn.Module, names: Sequence[str]) -> str | None:
+    """``None`` when :func:`walk_` can visit ``names`` in ``module``; otherwise why not."""
+    if not isinstance(module, fx.GraphModule):
+        return "the model was not traced by torch.fx"
+    modules = dict(module.named_modules(remove_duplicate=False))
+    calls: dict[int, int] = {id(modules[name]): 0 for name in names}
+    placeholders = 0
+    for node in module.graph.nodes:
+        if node.op == "call_module" and id(modules[node.target]) in calls:
+            calls[id(modules[node.target])] += 1
+        if node.op == "placeholder":
+            placeholders += 1
+            if placeholders > 1 and not node.args:
+                return f"the forward takes a second input ({node.target}) without a default"
+    repeated = [name for name in names if calls[id(modules[name])] != 1]
+    if repeated:
+        return f"{repeated[0]} is called {calls[id(modules[repeated[0]])]} times in the graph"
+    return None
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the nodes whose activations can be freed once it has run."""
+    last_user: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        for used in node.all_input_nodes:
+            last_user[used] = node
+    freed: dict[fx.Node, list[fx.Node]] = {}
+    for used, user in last_user.items():
+        freed.setdefault(user, []).append(used)
+    return freed
+
+
+def _attribute(module: nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _run(node: fx.Node, modules: dict[str, nn.Module], args: tuple, kwargs: dict, replaced: dict[str, nn.Module]):
+    if node.op == "call_module":
+        return replaced.get(node.target, modules[node.target])(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    raise ValueError(f"unexpected node op {node.op!r}")
+
+
+def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[str, Visit]) -> dict[str, nn.Module]:
+    """Walk ``batches`` through ``module`` once; return the replacement each visited conv got.
+
+    ``visit`` maps conv names (as in ``module.named_modules()``) to their callbacks, which run in
+    graph order. ``module`` itself is not changed. Check :func:`supports` first.
+    """
+    modules = dict(module.named_modules(remove_duplicate=False))
+    by_module = {id(modules[name]): name for name in visit}
+    replaced: dict[str, nn.Module] = {}  # by node target (the name the graph calls the conv by)
+    chosen: dict[str, nn.Module] = {}
+    original: dict[fx.Node, list] = {}
+    compressed: dict[fx.Node, list] = {}
+    freed = _last_uses(module.graph)
+    inputs_seen = 0
+    with torch.no_grad():
+        for node in module.graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                inputs_seen += 1
+                value = list(batches) if inputs_seen == 1 else [node.args[0]] * len(batches)
+                original[node] = compressed[node] = value
+            elif node.op == "get_attr":
+                original[node] = compressed[node] = [_attribute(module, node.target)] * len(batches)
+            else:
+                _evaluate(node, modules, original, compressed, replaced, len(batches))
+                name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
+                if name is not None:
+                    hidden = [fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))]
+                    chosen[name] = replaced[node.target] = visit[name](name, original[node], hidden)
+                    compressed[node] = [chosen[name](x) for x in hidden]
+            for done in freed.get(node, ()):
+                original.pop(done, None)
+                compressed.pop(done, None)
+    return chosen
+
+
+def _evaluate(node, modules, original, compressed, replaced, count: int) -> None:
+    """Run ``node`` on every batch in both networks; once for both while their inputs are the same."""
+    inputs = node.all_input_nodes
+    same = all(original[n] is compressed[n] for n in inputs) and node.target not in replaced
+    values = []
+    for b in range(count):
+        args = fx.node.map_arg(node.args, lambda n: original[n][b])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: original[n][b])
+        values.append(_run(node, modules, args, kwargs, {}))
+    original[node] = values
+    if same:
+        compressed[node] = values
+        return
+    values = []
+    for b in range(count):
+        args = fx.node.map_arg(node.args, lambda n: compressed[n][b])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: compressed[n][b])
+        values.append(_run(node, modules, args, kwargs, replaced))
+    compressed[node] = values

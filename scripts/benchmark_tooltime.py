@@ -1,0 +1,148 @@
+"""The tool's own time: wall seconds per phase and peak memory of one ``compress`` + ``save`` run.
+
+Not a test: a measurement to compare commits. It uses only the public API (``compress``,
+``Result.save``), so the same script measures an older checkout too::
+
+    git worktree add /tmp/before <commit>
+    PYTHONPATH=/tmp/before .venv/bin/python scripts/benchmark_tooltime.py --model resnet32
+
+The run is what ``compress --data`` does with the latency benchmark off: calibrate on ``--images``
+training images, choose ranks, factorize and refit, export and verify ONNX. Held-out accuracy
+(``cifar10-test-jpeg-9154.npz``, never used for calibration) is measured afterwards, outside the
+timed region and after peak memory is read. Prints one JSON line; the load average is in it,
+because the machine is shared and timings are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BLOCKS = {"resnet20": (3, 3, 3), "resnet32": (5, 5, 5), "resnet56": (9, 9, 9)}
+
+
+def _cifar_model(name: str, data_dir: Path):
+    from compressor import zoo
+
+    model = zoo.CifarResNet(BLOCKS[name])
+    model.load_state_dict(torch.load(data_dir / f"{name}-cifar10.pth", weights_only=True))
+    return model.eval(), (1, 3, 32, 32)
+
+
+def _model(name: str, data_dir: Path):
+    if name in BLOCKS:
+        return _cifar_model(name, data_dir)
+    from compressor import zoo
+
+    return zoo.randomize_batchnorm(zoo.resnet50()).eval(), (1, 3, 224, 224)
+
+
+def _normalized(x: np.ndarray) -> torch.Tensor:
+    from compressor import zoo
+
+    mean = torch.tensor(zoo.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(zoo.CIFAR10_STD).view(1, 3, 1, 1)
+    return (torch.from_numpy(x).float() / 255 - mean) / std
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int = 64) -> list:
+    return [(x[i : i + size], None if y is None else y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def _data(args, shape) -> tuple[list, list | None]:
+    """(calibration batches, held-out batches); random images for models without shared data."""
+    if shape[-1] != 32:
+        generator = torch.Generator().manual_seed(0)
+        return _batches(torch.randn(args.images, *shape[1:], generator=generator), None), None
+    train = np.load(args.data_dir / "cifar10-train-jpeg-20000.npz")
+    picked = np.random.default_rng(0).permutation(len(train["x"]))[: args.images]
+    calibration = _batches(_normalized(train["x"][picked]), torch.from_numpy(train["y"][picked]))
+    test = np.load(args.data_dir / "cifar10-test-jpeg-9154.npz")
+    held = _batches(_normalized(test["x"][: args.holdout]), torch.from_numpy(test["y"][: args.holdout]), 256)
+    return calibration, held
+
+
+def _recipe(args) -> dict:
+    rule = {"match": args.match, "method": args.methods.split(",")}
+    if args.rank is not None:
+        rule["rank"] = {"macs": args.rank}
+    recipe = {
+        "name": "tooltime",
+        "rules": [rule],
+        "calibration": {"samples": args.images, "batch_size": 64},
+        "export": {"opset": 17, "tolerance": 1e-3},
+        "bench": {"runs": 0},
+    }
+    if args.target is not None:
+        recipe["target"] = {"macs": args.target}
+    return recipe
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet32", choices=[*BLOCKS, "resnet50"])
+    parser.add_argument("--methods", default="spatial_separable,depthwise_separable,grouped,keep")
+    parser.add_argument("--match", default="layer*.conv*", help="the rule's match pattern")
+    parser.add_argument("--target", type=float, default=0.5, help="target: {macs: f}; give --rank instead for one method")
+    parser.add_argument("--rank", type=float, default=None, help="rank: {macs: f} for a single-method rule (sets --target off)")
+    parser.add_argument("--images", type=int, default=512, help="calibration images (--data)")
+    parser.add_argument("--holdout", type=int, default=9154, help="held-out test images for accuracy")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    if args.rank is not None:
+        args.target = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import compressor
+    from compressor.evaluate import evaluate
+    from compressor.pipeline import example_input_for
+
+    model, shape = _model(args.model, args.data_dir)
+    calibration, held = _data(args, shape)
+    example = example_input_for(model, shape)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    result = compressor.compress(model, _recipe(args), example, data=calibration, progress=False)
+    with tempfile.TemporaryDirectory() as out:
+        result.save(out)
+    wall = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_after = os.getloadavg()
+    row = {
+        "label": args.label,
+        "compressor": str(Path(compressor.__file__).parent),
+        "model": args.model,
+        "recipe": _recipe(args)["rules"][0] | {"target": args.target},
+        "images": args.images,
+        "threads": torch.get_num_threads(),
+        "wall_s": round(wall, 2),
+        "peak_rss_mib": round(peak_mib),
+        "seconds": {k: round(v, 2) for k, v in result.report["seconds"].items()},
+        "planned_ratio": (result.report.get("target") or {}).get("planned_ratio"),
+        "achieved": (result.report.get("target") or {}).get("achieved"),
+        "methods": sorted({layer["method"] for layer in result.report["layers"] if layer.get("rank")}),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in load_after],
+    }
+    if held is not None:
+        metrics = evaluate(result.original, result.model, held)
+        row["heldout"] = {k: metrics[k] for k in ("samples", "accuracy_original", "accuracy_compressed", "agreement")}
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
