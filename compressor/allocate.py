@@ -72,7 +72,7 @@ def _fixed_rank(plan: LayerPlan, rule, conv, profile, statistics) -> None:
     method = METHODS[plan.method]
     whitening = whitening_for(method, statistics)
     rank, note = resolve_rank(
-        method, conv, profile.calls, rule.rank, plan.groups, plan.name, round_to=plan.round_to, whitening=whitening
+        method, conv, profile.calls, rule.rank, plan.groups, plan.name, round_to=plan.round_to, round_small=plan.round_small, whitening=whitening
     )
     _set_choice(plan, method, conv, profile, rank)
     plan.add_note(note)
@@ -89,7 +89,7 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics, latency
             continue
         method = METHODS[name]
         whitening = whitening_for(method, statistics)
-        ranks = allowed_ranks(method, conv, plan.groups, plan.round_to)
+        ranks = allowed_ranks(method, conv, plan.groups, plan.round_to, plan.round_small)
         spectral = method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None
         if metric == "latency":  # every rank timed is a session: time a spread, then filter
             ranks = _spread(ranks, LATENCY_CANDIDATES)
@@ -129,7 +129,7 @@ def _spend_leftover(
         method, conv, profile = METHODS[plan.method], module.get_submodule(plan.name), profiles[plan.name]
         current = _cost(metric, method, conv, profile, plan.rank, plan.groups)
         fitting = [
-            rank for rank in allowed_ranks(method, conv, plan.groups, plan.round_to)
+            rank for rank in allowed_ranks(method, conv, plan.groups, plan.round_to, plan.round_small)
             if rank > plan.rank and planned - current + _cost(metric, method, conv, profile, rank, plan.groups) <= budget
             and _cost(metric, method, conv, profile, rank, plan.groups) < _original_cost(metric, conv, profile)
         ]

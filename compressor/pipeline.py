@@ -16,19 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor import export as onnx_export
+from compressor import export as onnx_export, tree
 from compressor.allocate import assign_ranks, whitening_for
-from compressor.calibrate import LayerStatistics, collect_statistics, refit_last_factor_
+from compressor.calibrate import LayerStatistics, collect_statistics
 from compressor.decompose import CPDegenerateError
 from compressor.errors import CompressorError, ParityError, describe_error
-from compressor.joint_refit import collect_patch_statistics, spatial_als_
 from compressor.evaluate import evaluate
+from compressor.task import Task, task_of
 from compressor.exported import save_exported
 from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
 from compressor.phases import timed
-from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, swap_, trace
+from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, trace
 from compressor.profile import LayerProfile, profile_model, totals
+from compressor.refit import refit_all_
 from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
 from compressor.caveats import plan_caveats
@@ -90,7 +91,7 @@ class Plan:
 
 def example_input_for(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     """A seeded random input of ``shape`` in the model's parameter dtype and device."""
-    parameter = next(model.parameters(), None)
+    parameter = tree.first_parameter(model)
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -114,14 +115,14 @@ def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerP
         return hook
 
     handles = []
-    for name, child in module.named_modules():
+    for name, child in tree.named_modules(module):
         if name:
             handles.append(child.register_forward_pre_hook(enter(name)))
             handles.append(child.register_forward_hook(leave(name)))
     try:
         return profile_model(module, example_input)
     except Exception as err:
-        where = f" in {entered[-1]} ({type(module.get_submodule(entered[-1])).__name__})" if entered else ""
+        where = f" in {entered[-1]} ({type(tree.get_submodule(module, entered[-1])).__name__})" if entered else ""
         raise CompressorError(
             f"the model's forward failed{where} on an input of shape {tuple(example_input.shape)}: "
             f"{describe_error(err)} (set the input shape with --input-shape N,C,H,W)"
@@ -183,7 +184,7 @@ def _check_finite_weights(model: nn.Module) -> None:
     """Refuse NaN/inf parameters and buffers up front: every decomposition would fail on them, later and
     less clearly, and a model that computes NaN cannot be verified."""
     broken = []
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in [*tree.named_parameters(model), *tree.named_buffers(model)]:
         if tensor.is_floating_point():
             bad = int((~torch.isfinite(tensor.detach())).sum())
             if bad:
@@ -209,7 +210,7 @@ def plan(
     _check_finite_weights(model)
     seconds: dict[str, float] = {}
     with timed(seconds, "trace"):
-        working = copy.deepcopy(model).eval()
+        working = tree.set_training_(copy.deepcopy(model), False)
         traced = trace(working)
         lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
         profiles = _profile(traced.module, example_input)
@@ -254,6 +255,8 @@ class Result:
     eval_batches: list[tuple] | None = field(default=None, repr=False)
     #: Calibration input batches (static INT8 quantization calibrates on them).
     calibration: list[torch.Tensor] | None = field(default=None, repr=False)
+    #: What the outputs are (see :mod:`compressor.task`); ``None``: detected again where needed.
+    task: Task | None = field(default=None, repr=False)
 
     def export_onnx(self, path: str | Path, *, original_path: str | Path | None = None) -> onnx_export.Parity:
         """Export the compressed model (and optionally the original) and verify it in ONNX Runtime.
@@ -274,6 +277,7 @@ class Result:
                 original=str(original_path),
                 original_parity_max_abs=original_parity.max_abs,
                 original_parity_rel=original_parity.rel,
+                original_parity_rel_outputs=original_parity.outputs,
             )
         with timed(seconds, "export"):
             onnx_export.export_onnx(self.model, self.example_input, path, settings.opset)
@@ -281,14 +285,15 @@ class Result:
             result = onnx_export.parity(self.model, path, batch)
         worst = max(result.rel, record.get("original_parity_rel", 0.0))
         record.update(
-            compressed=str(path), parity_max_abs=result.max_abs, parity_rel=result.rel, passed=worst <= settings.tolerance
+            compressed=str(path), parity_max_abs=result.max_abs, parity_rel=result.rel, parity_rel_outputs=result.outputs,
+            passed=worst <= settings.tolerance,
         )
         record.setdefault("original", None)
         self.report["onnx"] = record
         if self.eval_batches is not None and original_path is not None and record["passed"]:
             with timed(seconds, "verify"):
                 self.report["metrics"]["onnx"] = evaluate(
-                    onnx_export.onnx_predictor(original_path), onnx_export.onnx_predictor(path), self.eval_batches
+                    onnx_export.onnx_predictor(original_path), onnx_export.onnx_predictor(path), self.eval_batches, self.task
                 )
         if not record["passed"]:
             raise ParityError(
@@ -369,7 +374,7 @@ def _cheaper_tucker(conv: nn.Conv2d, layer: LayerPlan, profile: LayerProfile) ->
     tucker = METHODS["grouped"]
     if tucker.skip_reason(conv) is not None:
         return None
-    fitting = [r for r in allowed_ranks(tucker, conv, 1, layer.round_to) if tucker.macs(conv, profile.calls, r, 1) <= layer.macs_after]
+    fitting = [r for r in allowed_ranks(tucker, conv, 1, layer.round_to, layer.round_small) if tucker.macs(conv, profile.calls, r, 1) <= layer.macs_after]
     return fitting[-1] if fitting else None
 
 
@@ -401,32 +406,30 @@ def _factorize_layer(plan_: Plan, layer: LayerPlan, conv: nn.Conv2d) -> nn.Seque
 
 
 def _factorize_all(plan_: Plan) -> dict[str, nn.Sequential]:
-    """Factorize every rewriting layer in execution order; with calibration data, refit each stack's
-    last factor against the original layer, fed by the network compressed so far."""
+    """Factorize every rewriting layer; with calibration data, refit the stacks in execution order
+    against the original layers, each fed by the network compressed so far (:mod:`compressor.refit`)."""
     module = plan_.traced.module
     rewriting = [layer for layer in plan_.layers if layer.rewrites]
     rewriting.sort(key=lambda layer: plan_.profiles[layer.name].first_call)
-    working = copy.deepcopy(module) if plan_.calibration else None
     replacements: dict[str, nn.Sequential] = {}
     for layer in rewriting:
         with timed(plan_.seconds, "decompose"):
-            stack = _factorize_layer(plan_, layer, module.get_submodule(layer.name))
+            stack = _factorize_layer(plan_, layer, tree.get_submodule(module, layer.name))
         if stack is None:
             continue
         layer.init = plan_.init
-        if working is not None:
-            with timed(plan_.seconds, "refit"):
-                calls = len(plan_.profiles[layer.name].calls)
-                batches = lambda: iter(plan_.calibration)  # noqa: E731
-                if layer.method == "spatial_separable":
-                    conv = module.get_submodule(layer.name)
-                    stats = collect_patch_statistics(module, working, layer.name, conv, calls, batches)
-                    refit = spatial_als_(stack, conv, stats)
-                else:
-                    refit = refit_last_factor_(module, working, layer.name, stack, calls, batches)
-                layer.output_rel_error = refit.error_after
-                swap_(working, {layer.name: stack})
         replacements[layer.name] = stack
+    if plan_.calibration:
+        by_name = {layer.name: layer for layer in rewriting}
+        with timed(plan_.seconds, "refit"):
+            refits = refit_all_(
+                module,
+                {name: (by_name[name].method, stack) for name, stack in replacements.items()},
+                plan_.calibration,
+                {name: len(plan_.profiles[name].calls) for name in replacements},
+            )
+        for name, refit in refits.items():
+            by_name[name].output_rel_error = refit.error_after
     return replacements
 
 
@@ -466,11 +469,12 @@ def compress(
         # Calibration and training never see the held-out part, so its numbers are not flattered.
         data, holdout = split_holdout(data, tuning.holdout, tuning.seed, example_input)
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
-    original = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
+    original = tree.set_training_(copy.deepcopy(model), False) if any(m.training for m in tree.modules(model)) else model
+    task = task_of(original, example_input, recipe.task)
     layer_plan = plan(original, recipe, example_input, data=data)
     seconds = layer_plan.seconds
     replacements = _factorize_all(layer_plan)
-    compressed = rewrite_(layer_plan.traced.module, replacements).eval()
+    compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
     finetuned = None
     if tuning is not None:
         if not tuning.enabled:
@@ -483,9 +487,10 @@ def compress(
             with timed(seconds, "finetune"):
                 finetuned = finetune(
                     compressed, original, tuning, data, holdout, example_input,
-                    rewritten=list(replacements), device=device, progress=progress,
+                    rewritten=list(replacements), device=device, progress=progress, task=task,
                 )
     report = layer_plan.report()
+    report["task"] = task.record()
     if finetuned is not None:
         report["finetune"] = finetuned
     report["input_shape"] = list(example_input.shape)
@@ -502,10 +507,11 @@ def compress(
         eval_batches = None
         if eval_data is not None:
             eval_batches = materialize(eval_data, example_input, recipe.calibration.batch_size, None, "evaluation data")
-            report["metrics"] = evaluate(original, compressed, eval_batches)
+            report["metrics"] = evaluate(original, compressed, eval_batches, task)
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = seconds
     log.info("compressed in %.1fs; Result.save() exports, verifies and benchmarks", seconds["total"])
     return Result(
-        compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration
+        compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration,
+        task=task,
     )

@@ -31,11 +31,19 @@ def rank_multiple(method: Method, conv: nn.Conv2d, groups: int, round_to: int | 
     return math.lcm(step, round_to // math.gcd(round_to, method.channels_per_rank(conv)))
 
 
-def allowed_ranks(method: Method, conv: nn.Conv2d, groups: int, round_to: int | None) -> list[int]:
-    """Ascending ranks that are multiples of :func:`rank_multiple`, plus full rank if it is not one."""
+def allowed_ranks(
+    method: Method, conv: nn.Conv2d, groups: int, round_to: int | None, round_small: bool = False
+) -> list[int]:
+    """Ascending ranks that are multiples of :func:`rank_multiple`, plus full rank if it is not one.
+
+    ``round_small`` (``round_to: auto``) also allows every rank below the first multiple: a layer too
+    small, or a budget too tight, for one whole block still gets a rank.
+    """
     full = method.full_rank(conv, groups)
     multiple = rank_multiple(method, conv, groups, round_to)
-    ranks = list(range(multiple, full + 1, multiple))
+    step = method.rank_step(groups)
+    below = list(range(step, min(multiple, full + 1), step)) if round_small else []
+    ranks = below + list(range(multiple, full + 1, multiple))
     if not ranks or ranks[-1] != full:
         ranks.append(full)
     return ranks
@@ -52,11 +60,11 @@ def _cost(metric: str, method: Method, conv: nn.Conv2d, calls: Sequence[CallShap
 
 def _largest_under_budget(
     method: Method, conv: nn.Conv2d, calls: Sequence[CallShape], metric: str, fraction: float, groups: int,
-    round_to: int | None, name: str,
+    round_to: int | None, name: str, round_small: bool = False,
 ) -> int:
     original = conv_macs(conv, calls) if metric == "macs" else conv_params(conv)
     budget = fraction * original
-    ranks = allowed_ranks(method, conv, groups, round_to)
+    ranks = allowed_ranks(method, conv, groups, round_to, round_small)
     fitting = [rank for rank in ranks if _cost(metric, method, conv, calls, rank, groups) <= budget]
     if fitting:
         return fitting[-1]
@@ -114,6 +122,7 @@ def resolve_rank(
     name: str,
     *,
     round_to: int | None = None,
+    round_small: bool = False,
     whitening: Whitening | None = None,
 ) -> tuple[int, str | None]:
     """The rank for ``spec`` and a note when it was adjusted (VBMF collapse); raises ``RankError``."""
@@ -130,7 +139,8 @@ def resolve_rank(
         return spec, None
     if hasattr(spec, "macs") or hasattr(spec, "params"):
         metric = "macs" if hasattr(spec, "macs") else "params"
-        return _largest_under_budget(method, conv, calls, metric, getattr(spec, metric), groups, round_to, name), None
+        fraction = getattr(spec, metric)
+        return _largest_under_budget(method, conv, calls, metric, fraction, groups, round_to, name, round_small), None
     note = None
     if hasattr(spec, "energy"):
         raw = _energy(method, conv, spec.energy, groups, whitening)
@@ -138,4 +148,7 @@ def resolve_rank(
         raw, note = guarded_rank(_vbmf(method, conv, groups, whitening), full)
     else:  # the recipe schema makes this unreachable
         raise RankError(f"{what}: unsupported rank {spec!r}")
-    return round_rank(max(raw, 1), rank_multiple(method, conv, groups, round_to), full, step), note
+    multiple = rank_multiple(method, conv, groups, round_to)
+    if round_small and raw < multiple:
+        multiple = 1  # below one block, the rank the spectrum asked for
+    return round_rank(max(raw, 1), multiple, full, step), note

@@ -12,7 +12,9 @@ A recipe is a YAML mapping validated by the pydantic models below::
                                       # or a list of them (the budget solver picks one per layer; needs target)
         rank: full                    # positive int | "full" | {macs: f} | {params: f} (0 < f <= 1)
                                       # | {energy: e} (0 < e <= 1) | vbmf; unset: "full", or chosen by target
-        round_to: 8                   # optional: intermediate channels a multiple of this (ORT NCHWc blocks)
+        round_to: auto                # intermediate channels of computed ranks a multiple of this (int), or
+                                      # auto (default): ORT's NCHWc block on this CPU (16 AVX-512, 8 AVX2,
+                                      # none elsewhere), ranks below one block allowed; null: no rounding
         groups: 1                     # positive int (default 1); > 1 only with method grouped
         kernel_size: 3                # optional filter: k (kh == kw == k) or [kh, kw]
         min_kernel_size: 3            # optional filter: kh >= n and kw >= n
@@ -70,6 +72,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -112,6 +115,7 @@ assert get_args(Method) == METHODS  # keep the constant and the Literal in step
 
 # Strict: rejects bools, strings and floats instead of silently coercing them.
 PositiveStrictInt = Annotated[int, Field(strict=True, gt=0)]
+_ROUND_TO = TypeAdapter(Optional[PositiveStrictInt])
 
 _RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
@@ -184,7 +188,9 @@ class Rule(BaseModel):
     method: Union[Method, list[Method]]
     #: ``None`` means "full" for a fixed rule and "chosen by the budget" under a recipe ``target``.
     rank: Optional[Rank] = None
-    round_to: Optional[PositiveStrictInt] = None
+    #: Computed ranks make intermediate channel counts multiples of this; "auto" (the default) is the
+    #: NCHWc block of this machine's CPU (compressor.cpu), and leaves ranks below one block free.
+    round_to: Union[Literal["auto"], PositiveStrictInt, None] = "auto"
     groups: PositiveStrictInt = 1
     kernel_size: Optional[tuple[int, int]] = None
     min_kernel_size: Optional[PositiveStrictInt] = None
@@ -192,6 +198,17 @@ class Rule(BaseModel):
     min_out_channels: Optional[PositiveStrictInt] = None
 
     _index: Optional[int] = PrivateAttr(default=None)
+
+    @field_validator("round_to", mode="wrap")
+    @classmethod
+    def _check_round_to(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return _ROUND_TO.validate_python(value)
+        except ValidationError as err:  # one message, not one per member of the union
+            reason = err.errors()[0]["msg"]
+            raise PydanticCustomError("round_to_type", "{reason} (or 'auto', or null)", {"reason": reason}) from None
 
     @field_validator("match", mode="before")
     @classmethod

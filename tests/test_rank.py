@@ -275,3 +275,22 @@ def test_round_to_applies_to_the_intermediate_channel_count(method_name, in_chan
     conv = nn.Conv2d(in_channels, 24, 3)
     got = rank_multiple(METHODS[method_name], conv, groups, round_to)
     assert got == expected, f"{method_name} in={in_channels} groups={groups} round_to={round_to}: multiple {got}, expected {expected}"
+
+
+@pytest.mark.parametrize(
+    "method_name, groups, round_small, expected",
+    [
+        ("low_rank", 1, False, [8, 16, 24]),
+        ("low_rank", 1, True, [1, 2, 3, 4, 5, 6, 7, 8, 16, 24]),  # below one block: every rank
+        ("grouped", 2, True, [2, 4, 6, 8, 16, 24, 32]),  # the groups step still holds below the block
+    ],
+)
+def test_auto_rounding_keeps_ranks_below_one_block(method_name, groups, round_small, expected):
+    from torch import nn
+
+    from compressor.methods import METHODS
+    from compressor.ranks import allowed_ranks
+
+    conv = nn.Conv2d(16, 24, 3)
+    got = allowed_ranks(METHODS[method_name], conv, groups, 8, round_small)
+    assert got == expected, f"{method_name} groups={groups} round_small={round_small}: {got}"

@@ -130,7 +130,7 @@ def test_defaults() -> None:
     assert (only.groups, only.kernel_size, only.min_kernel_size, only.min_in_channels, only.min_out_channels) == (
         1, None, None, None, None,
     ), only
-    assert only.rank is None and only.round_to is None, only
+    assert only.rank is None and only.round_to == "auto", only
     assert r.target is None, r.target
     assert r.data == DataConfig(mean=None, std=None), r.data
     assert r.calibration == Calibration(samples=512, batch_size=64), r.calibration
@@ -483,7 +483,7 @@ def test_bad_rank_in_later_rule_names_its_index() -> None:
 # ---------------------------------------------------------------------------------- new keys: round_to
 
 
-@pytest.mark.parametrize("round_to", [1, 4, 8, 16, None])
+@pytest.mark.parametrize("round_to", [1, 4, 8, 16, None, "auto"])
 def test_round_to_accepted(round_to: Any) -> None:
     got = load_recipe(recipe(rule(round_to=round_to))).rules[0].round_to
     assert got == round_to and type(got) is type(round_to), f"round_to {round_to!r} -> {got!r}"
@@ -916,7 +916,7 @@ def test_load_yaml_new_keys(tmp_path: Path) -> None:
         "keep", ["depthwise_separable", "cp", "grouped"], "cp", "spatial_separable", "grouped",
     ], r.rules
     assert [x.rank for x in r.rules] == [None, None, "vbmf", EnergyRank(energy=0.95), ParamsRank(params=0.5)], r.rules
-    assert [x.round_to for x in r.rules] == [None, 8, None, 4, None], r.rules
+    assert [x.round_to for x in r.rules] == ["auto", 8, "auto", 4, "auto"], r.rules
     assert [x.solved for x in r.rules] == [False, True, False, False, False], r.rules
     assert r.target == Target(macs=0.4), r.target
     assert r.data == DataConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), r.data

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from compressor import tree
+from compressor.cpu import nchwc_block
 from compressor.errors import CompressorError, RecipeError
 from compressor.methods import METHODS, conv_macs, conv_params
 from compressor.passes.functional import match_functional_convs
@@ -39,6 +41,8 @@ class LayerPlan:
     init: str | None = None
     note: str | None = None
     round_to: int | None = None
+    #: ``round_to`` came from "auto": ranks below one block stay allowed (small layers, tight budgets).
+    round_small: bool = False
     #: Methods the budget solver may choose from ("keep" included when the rule allows it); empty
     #: when the rule fixes method and rank.
     choices: tuple[str, ...] = ()
@@ -101,7 +105,7 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     left unset (see :func:`compressor.allocate.assign_ranks`). Raises ``RecipeError`` for a rule
     that applies to no layer.
     """
-    convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [(name, m) for name, m in tree.named_modules(module) if isinstance(m, nn.Conv2d)]
     if not convs:
         functional = len(_functional_entries(module))
         extra = f" (only {functional} functional conv call(s) that cannot become one)" if functional else ""
@@ -176,7 +180,8 @@ def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: i
         plan.rule = index
         return plan
     plan = _conv_entry(name, conv, profile, method=usable[0])
-    plan.rule, plan.groups, plan.round_to = index, rule.groups, rule.round_to
+    plan.rule, plan.groups = index, rule.groups
+    plan.round_to, plan.round_small = (nchwc_block(), True) if rule.round_to == "auto" else (rule.round_to, False)
     if solved:
         plan.choices = tuple(usable) + (("keep",) if "keep" in rule.methods else ())
     return plan
