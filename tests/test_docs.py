@@ -1,0 +1,79 @@
+"""The README and docs/ against the code and BENCHMARKS.md: what a new user reads first must be true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from compressor.pipeline import EXPORTED_PROGRAM_FILE, OUTPUT_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+FIRST_SCREEN = 60
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Markdown tables as rows of stripped cells (the |---| rule left out)."""
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not all(set(cell) <= set("-: ") for cell in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables + ([current] if current else [])
+
+
+def test_first_screen_has_both_commands_and_the_test_time():
+    screen = README.splitlines()[:FIRST_SCREEN]
+    demo = [line for line in screen if line.startswith("scripts/demo.sh")]
+    test = [line for line in screen if line.startswith("scripts/test.sh")]
+    assert demo and test, "scripts/demo.sh and scripts/test.sh must be on the README's first screen"
+    assert re.search(r"\d+ min .*2-core", test[0]), f"the test command should state its time on an idle 2-core machine: {test[0]!r}"
+    tables = _tables("\n".join(screen))
+    assert tables, "no results table on the README's first screen"
+
+
+def test_every_readme_result_row_is_a_benchmarks_md_row():
+    benchmark_rows = [set(row) for table in _tables((ROOT / "BENCHMARKS.md").read_text()) for row in table]
+    (results, *_) = _tables(README)
+    for row in results[1:]:
+        numbers = [token for cell in row[1:] for token in re.findall(r"\d+\.\d+", cell)]
+        assert len(numbers) == len(row) - 1, f"a results cell without a number: {row}"
+        matching = [cells for cells in benchmark_rows if set(numbers) <= cells]
+        assert matching, f"README row {row}: no BENCHMARKS.md row holds all of {numbers}"
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text())
+    broken = [link for link in links if "://" not in link and not (page.parent / link).exists()]
+    assert not broken, f"{page.name}: broken links {broken}"
+
+
+def test_readme_links_every_docs_page():
+    unlinked = [page.name for page in PAGES if f"docs/{page.name}" not in README]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_readme_says_nothing_about_shared():
+    assert "../shared" not in README, "statements about ../shared belong in docs/benchmarks.md"
+
+
+def test_usage_names_every_file_a_run_can_write():
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    missing = [name for name in (*OUTPUT_FILES, EXPORTED_PROGRAM_FILE) if f"`{name}`" not in usage]
+    assert not missing, f"docs/usage.md does not name {missing}"
+
+
+def test_api_docs_describe_what_save_writes():
+    api = (ROOT / "docs" / "api.md").read_text()
+    described = api[api.index("result.save("):]
+    missing = [name for name in OUTPUT_FILES if not name.endswith(".png") and name not in described]
+    assert not missing, f"docs/api.md's result.save does not name {missing}"
+    assert not re.search(r"all (two|three|four|five|six) output files", api), "save writes as many files as the recipe asks"
