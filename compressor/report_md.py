@@ -37,29 +37,36 @@ def _figure(width: float, height: float):
     return figure
 
 
-def plot_macs(layers: Sequence[dict], path: Path) -> Path:
-    """Per-layer MACs before and after, as grouped horizontal bars (log scale)."""
+def macs_figure(layers: Sequence[dict]):
+    """Per-layer MACs before and after, as grouped horizontal bars on a linear axis from zero: bar
+    lengths compare (a log axis made a 4x cut look like a quarter), the legend sits above the bars."""
     import numpy as np
 
     rows = [layer for layer in layers if layer.get("macs_before")]
-    figure = _figure(8, max(2.5, 0.22 * len(rows) + 1.2))
+    figure = _figure(8, max(2.5, 0.22 * len(rows) + 1.4))
     axes = figure.add_subplot()
     y = np.arange(len(rows))
     axes.barh(y - 0.2, [l["macs_before"] for l in rows], height=0.4, label="before")
     axes.barh(y + 0.2, [l["macs_after"] or 0 for l in rows], height=0.4, label="after")
     axes.set_yticks(y, [l["name"] for l in rows], fontsize=7)
     axes.invert_yaxis()
-    axes.set_xscale("log")
+    axes.set_xlim(left=0)
     axes.set_xlabel("MACs per sample")
-    axes.set_title("Per-layer MACs")
-    axes.legend(loc="lower right")
+    axes.set_title("Per-layer MACs", pad=22)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False, fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
+
+
+def plot_macs(layers: Sequence[dict], path: Path) -> Path:
+    macs_figure(layers).savefig(path)
     return path
 
 
-def plot_latency(latency: Sequence[dict], path: Path) -> Path:
-    """Median latency of each model per thread setting, with p90 as the error bar's top."""
+def latency_figure(latency: Sequence[dict]):
+    """Median latency of each model per thread setting, each bar labelled with its value. No p90
+    whiskers: one slow outlier stretched the axis until the bars compared were slivers; the p90s
+    are in report.md's table."""
     import numpy as np
 
     models = [m for m in ("original", "compressed", "int8") if f"{m}_ms" in latency[0]]
@@ -69,40 +76,54 @@ def plot_latency(latency: Sequence[dict], path: Path) -> Path:
     width = 0.8 / len(models)
     for i, model in enumerate(models):
         medians = [r[f"{model}_ms"] for r in latency]
-        upper = [r[f"{model}_p90_ms"] - r[f"{model}_ms"] for r in latency]
-        axes.bar(x + (i - (len(models) - 1) / 2) * width, medians, width, yerr=[[0] * len(upper), upper], label=model, capsize=3)
+        bars = axes.bar(x + (i - (len(models) - 1) / 2) * width, medians, width, label=model)
+        axes.bar_label(bars, fmt="%.3g", fontsize=7)
     axes.set_xticks(x, [f"{threads_label(r['threads'])} threads, batch {r['batch']}" for r in latency], fontsize=8)
-    axes.set_ylabel("ms (median; bar to p90)")
+    axes.set_ylabel("ms (median)")
+    axes.set_ylim(0, 1.15 * max(r[f"{m}_ms"] for r in latency for m in models))
     axes.set_title(f"ONNX Runtime latency ({latency[0]['provider']})")
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
+
+
+def plot_latency(latency: Sequence[dict], path: Path) -> Path:
+    latency_figure(latency).savefig(path)
     return path
 
 
-def plot_budget(curves: Sequence[dict], path: Path) -> Path:
-    """Predicted relative error against rank for the largest solved layers, chosen rank marked."""
+#: The x axis of budget.png per target metric: what a candidate costs.
+COST_LABELS = {"macs": "MACs per sample", "params": "parameters", "latency": "ms (single-layer timing)"}
+
+
+def budget_figure(curves: Sequence[dict], metric: str):
+    """Predicted relative error against cost for the largest solved layers, the chosen point marked.
+    Cost, not rank: a rank counts different things per method (depth multiplier, channels), so
+    curves over rank could not be compared."""
     columns = min(3, len(curves))
     rows = (len(curves) + columns - 1) // columns
     figure = _figure(4 * columns, 3 * rows)
     for index, curve in enumerate(curves):
         axes = figure.add_subplot(rows, columns, index + 1)
-        for method, points in curve["methods"].items():
-            ranks = [p[0] for p in points]
-            errors = [p[1] for p in points]
-            axes.plot(ranks, errors, marker=".", label=method)
+        for method, points in curve["methods"].items():  # points: [rank, predicted error, cost]
+            axes.plot([p[2] for p in points], [p[1] for p in points], marker=".", label=method)
         method, rank = curve["chosen"]
         if rank is not None and method in curve["methods"]:
             chosen = [p for p in curve["methods"][method] if p[0] == rank]
             if chosen:
-                axes.plot([rank], [chosen[0][1]], "k*", markersize=10, label="chosen")
+                axes.plot([chosen[0][2]], [chosen[0][1]], "k*", markersize=10, label="chosen")
         axes.set_title(f"{curve['name']} ({method}{'' if rank is None else f' r={rank}'})", fontsize=8)
-        axes.set_xlabel("rank", fontsize=8)
+        axes.set_xlabel(COST_LABELS.get(metric, metric), fontsize=8)
+        axes.set_xlim(left=0)
         axes.set_ylabel("predicted rel. error", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
+
+
+def plot_budget(curves: Sequence[dict], path: Path, metric: str = "macs") -> Path:
+    budget_figure(curves, metric).savefig(path)
     return path
 
 
@@ -236,7 +257,7 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
         lines += ["", f"![Latency before and after]({images[LATENCY_PLOT]})"]
     lines += ["", *_target_lines(report)]
     if BUDGET_PLOT in images:
-        lines += [f"![Predicted error vs rank, largest layers]({images[BUDGET_PLOT]})", ""]
+        lines += [f"![Predicted error vs cost, largest layers]({images[BUDGET_PLOT]})", ""]
     lines += ["## Layers", "", *_layer_table(report.get("layers", [])), ""]
     return "\n".join(lines)
 
@@ -249,8 +270,8 @@ def write_report_md(report: dict, out: str | Path) -> list[str]:
         images[MACS_PLOT] = plot_macs(report["layers"], out / MACS_PLOT).name
     if report.get("latency"):
         images[LATENCY_PLOT] = plot_latency(report["latency"], out / LATENCY_PLOT).name
-    curves = (report.get("target") or {}).get("curves")
-    if curves:
-        images[BUDGET_PLOT] = plot_budget(curves, out / BUDGET_PLOT).name
+    target = report.get("target") or {}
+    if target.get("curves"):
+        images[BUDGET_PLOT] = plot_budget(target["curves"], out / BUDGET_PLOT, target.get("metric", "macs")).name
     (out / REPORT_MD).write_text(render_markdown(report, images))
     return [REPORT_MD, *images]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from compressor.report_md import BUDGET_PLOT, LATENCY_PLOT, MACS_PLOT, write_report_md
+from compressor.report_md import BUDGET_PLOT, LATENCY_PLOT, MACS_PLOT, budget_figure, latency_figure, macs_figure, write_report_md
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,3 +67,42 @@ def test_without_latency_or_target_only_the_macs_plot_is_written(tmp_path):
     assert sorted(written) == ["macs.png", "report.md"], written
     text = (tmp_path / "report.md").read_text()
     assert "Not measured (bench.runs is 0" in text and "latency.png" not in text, text
+
+
+def _overlapping_bars(figure, axes) -> list[str]:
+    figure.canvas.draw()
+    legend = axes.get_legend().get_window_extent()
+    return [str(bar) for bar in axes.patches if bar.get_width() > 0 and legend.overlaps(bar.get_window_extent())]
+
+
+def test_macs_plot_is_linear_from_zero_and_its_legend_covers_no_bar():
+    layers = [_layer(f"layer{i}.conv", 4000, 1000) for i in range(6)]
+    figure = macs_figure(layers)
+    (axes,) = figure.axes
+    assert axes.get_xscale() == "linear" and axes.get_xlim()[0] == 0, (axes.get_xscale(), axes.get_xlim())
+    widths = sorted({bar.get_width() for bar in axes.patches})
+    assert widths == [1000, 4000], widths  # a 4x cut is drawn as a bar a quarter as long
+    covered = _overlapping_bars(figure, axes)
+    assert not covered, f"the legend covers {covered}"
+
+
+def test_latency_plot_scales_to_the_medians_without_p90_whiskers():
+    record = {"threads": 1, "batch": 1, "provider": "CPUExecutionProvider", "original_ms": 1.0, "original_p90_ms": 40.0,
+              "compressed_ms": 0.5, "compressed_p90_ms": 0.6}
+    figure = latency_figure([record])
+    (axes,) = figure.axes
+    top = axes.get_ylim()[1]
+    assert top < 2.0, f"y axis to {top} ms for medians of 1.0 and 0.5 ms: a p90 outlier still sets the scale"
+    assert not [line for line in axes.lines if len(line.get_xdata())], "error bars drawn"
+    labels = sorted(text.get_text() for text in axes.texts)
+    assert labels == ["0.5", "1"], labels
+
+
+def test_budget_plot_puts_cost_on_the_x_axis():
+    curves = [{"name": "conv2", "chosen": ["spatial_separable", 16],
+               "methods": {"spatial_separable": [[8, 0.3, 100.0], [16, 0.1, 200.0]], "depthwise_separable": [[2, 0.2, 150.0]]}}]
+    figure = budget_figure(curves, "macs")
+    (axes,) = figure.axes
+    assert axes.get_xlabel() == "MACs per sample", axes.get_xlabel()
+    xs = {line.get_label(): list(line.get_xdata()) for line in axes.lines}
+    assert xs == {"spatial_separable": [100.0, 200.0], "depthwise_separable": [150.0], "chosen": [200.0]}, xs
