@@ -27,6 +27,7 @@ from compressor.exported import save_exported
 from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
 from compressor.phases import timed
+from compressor.passes.sequential import as_sequential
 from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, trace
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.refit import refit_all_
@@ -475,6 +476,7 @@ def compress(
     seconds = layer_plan.seconds
     replacements = _factorize_all(layer_plan)
     compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
+    compressed = as_sequential(original, compressed, replacements)  # result.model[0] works as on the input
     finetuned = None
     if tuning is not None:
         if not tuning.enabled:
