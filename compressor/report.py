@@ -184,7 +184,7 @@ def render_summary(report: dict, console: Console) -> None:
             accuracy = ""
             if values["accuracy_original"] is not None:
                 accuracy = f", accuracy {values['accuracy_original']:.4f} -> {values['accuracy_compressed']:.4f}"
-            console.print(f"Eval ({label}) on {values['samples']} samples: top-1 agreement {values['agreement']:.4f}{accuracy}")
+            console.print(f"Eval ({label}) on {values['samples']} samples: top-1 agreement {_fraction(values['agreement'])}{accuracy}")
     int8 = report.get("int8")
     if int8:
         console.print(
@@ -192,13 +192,18 @@ def render_summary(report: dict, console: Console) -> None:
             f"{int8['agreement_with_float']:.4f} on {int8['samples']} samples ({int8['checked_on']})"
         )
     for record in report.get("latency") or ():
-        threads = "all" if record["threads"] == 0 else record["threads"]
+        threads = "all threads" if record["threads"] == 0 else f"{record['threads']} thread{'s' if record['threads'] > 1 else ''}"
         int8_text = f", INT8 {record['int8_ms']:.2f} ms (x{record['int8_speedup']:.2f})" if "int8_ms" in record else ""
         console.print(
-            f"Latency (ONNX Runtime, {threads} threads, batch {record['batch']}, median): {record['original_ms']:.2f} ms -> "
+            f"Latency (ONNX Runtime, {threads}, batch {record['batch']}, median): {record['original_ms']:.2f} ms -> "
             f"{record['compressed_ms']:.2f} ms (x{record['speedup']:.2f}){int8_text}"
         )
     _render_finetune(report.get("finetune"), console)
+
+
+def _fraction(value: float | None) -> str:
+    """An agreement; ``None`` for outputs without classes (task other)."""
+    return "n/a (no classes)" if value is None else f"{value:.4f}"
 
 
 def _render_finetune(tuned: dict | None, console: Console) -> None:
@@ -214,6 +219,6 @@ def _render_finetune(tuned: dict | None, console: Console) -> None:
     console.print(
         f"fine-tune: {tuned['steps']} steps ({tuned['epochs']:.1f} epochs) in {tuned['seconds']:.1f}s on {tuned['device']}"
         f"{' x' + str(tuned['world_size']) if tuned['world_size'] > 1 else ''}, stopped by {tuned['stopped_by']}, "
-        f"{tuned['images_per_second']:.0f} img/s; held-out ({after['samples']}) agreement {before['agreement']:.4f} -> "
-        f"{after['agreement']:.4f}{accuracy}; best weights from step {tuned['best_step']}"
+        f"{tuned['images_per_second']:.0f} img/s; held-out ({after['samples']}) agreement {_fraction(before['agreement'])} -> "
+        f"{_fraction(after['agreement'])}{accuracy}; best weights from step {tuned['best_step']}"
     )

@@ -63,6 +63,10 @@ def plot_macs(layers: Sequence[dict], path: Path) -> Path:
     return path
 
 
+def _threads_text(count: int) -> str:
+    return threads_label(count) if count == 0 else f"{count} thread{'s' if count > 1 else ''}"
+
+
 def latency_figure(latency: Sequence[dict]):
     """Median latency of each model per thread setting, each bar labelled with its value. No p90
     whiskers: one slow outlier stretched the axis until the bars compared were slivers; the p90s
@@ -78,11 +82,11 @@ def latency_figure(latency: Sequence[dict]):
         medians = [r[f"{model}_ms"] for r in latency]
         bars = axes.bar(x + (i - (len(models) - 1) / 2) * width, medians, width, label=model)
         axes.bar_label(bars, fmt="%.3g", fontsize=7)
-    axes.set_xticks(x, [f"{threads_label(r['threads'])} threads, batch {r['batch']}" for r in latency], fontsize=8)
+    axes.set_xticks(x, [f"{_threads_text(r['threads'])}, batch {r['batch']}" for r in latency], fontsize=8)
     axes.set_ylabel("ms (median)")
     axes.set_ylim(0, 1.15 * max(r[f"{m}_ms"] for r in latency for m in models))
-    axes.set_title(f"ONNX Runtime latency ({latency[0]['provider']})")
-    axes.legend(fontsize=8)
+    axes.set_title(f"ONNX Runtime latency ({latency[0]['provider']})", pad=22)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(models), frameon=False, fontsize=8)
     figure.tight_layout()
     return figure
 

@@ -106,3 +106,11 @@ def test_budget_plot_puts_cost_on_the_x_axis():
     assert axes.get_xlabel() == "MACs per sample", axes.get_xlabel()
     xs = {line.get_label(): list(line.get_xdata()) for line in axes.lines}
     assert xs == {"spatial_separable": [100.0, 200.0], "depthwise_separable": [150.0], "chosen": [200.0]}, xs
+
+
+def test_latency_plot_legend_covers_no_bar():
+    record = {"threads": 1, "batch": 1, "provider": "CPUExecutionProvider", "original_ms": 1.0, "original_p90_ms": 1.1,
+              "compressed_ms": 0.9, "compressed_p90_ms": 1.0, "int8_ms": 0.95, "int8_p90_ms": 1.0}
+    figure = latency_figure([record, {**record, "threads": 0}])
+    covered = _overlapping_bars(figure, figure.axes[0])
+    assert not covered, f"the legend covers {covered}"
