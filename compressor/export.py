@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import contextlib
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from compressor import tree
 from compressor.errors import ExportError
 
 MIN_OPSET = 17
@@ -21,10 +22,13 @@ MIN_OPSET = 17
 
 @dataclass
 class Parity:
-    """ONNX Runtime vs PyTorch on one batch: max |diff| and ||diff|| / ||torch|| over all outputs."""
+    """ONNX Runtime vs PyTorch on one batch: max |diff| over all outputs, and ||diff|| / ||torch|| of
+    each output (``outputs``) and of the worst one (``rel``), so a small output cannot hide behind a
+    large one."""
 
     max_abs: float
     rel: float
+    outputs: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -45,8 +49,24 @@ def relative_error(got: list[np.ndarray], expected: list[np.ndarray]) -> Parity:
     diff = np.concatenate([(g.astype(np.float64) - e.astype(np.float64)).ravel() for g, e in zip(got, expected)])
     ref = np.concatenate([e.astype(np.float64).ravel() for e in expected])
     max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
-    return Parity(max_abs=max_abs, rel=rel)
+    per_output = [
+        float(np.linalg.norm(g.astype(np.float64) - e.astype(np.float64)) / max(np.linalg.norm(e.astype(np.float64)), 1e-30))
+        for g, e in zip(got, expected)
+    ]
+    overall = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+    return Parity(max_abs=max_abs, rel=max([overall, *per_output]), outputs=per_output)
+
+
+class _Root(nn.Module):
+    """Holds the model being exported: the exporter calls ``modules()`` and ``train()`` on its root,
+    and a user's model may have shadowed those methods with plain attributes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = MIN_OPSET) -> Path:
@@ -58,7 +78,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     if opset < MIN_OPSET:
         raise ExportError(f"ONNX opset {opset} is below the supported minimum {MIN_OPSET}")
     path = Path(path)
-    model = model.eval()
+    model = tree.set_training_(model, False)
     with torch.no_grad():
         outputs = flatten_outputs(model(example_input))
     output_names = [f"output_{i}" for i in range(len(outputs))]
@@ -68,7 +88,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model,
+                _Root(model),
                 (example_input,),
                 str(path),
                 dynamo=False,
@@ -77,6 +97,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
+                # Eval mode is set above; EVAL would call model.train(), which a model can shadow.
+                training=torch.onnx.TrainingMode.PRESERVE,
             )
         onnx.checker.check_model(str(path))
     except Exception as err:
@@ -96,14 +118,14 @@ def run_onnx(path: str | Path, batch: torch.Tensor) -> list[np.ndarray]:
 
 
 def onnx_predictor(path: str | Path):
-    """A callable running the ONNX model at ``path`` in one ONNX Runtime session: inputs -> first output."""
+    """A callable running the ONNX model at ``path`` in one ONNX Runtime session: inputs -> every output."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
-    def predict(batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: batch.detach().cpu().numpy()})[0])
+    def predict(batch: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(out) for out in session.run(None, {name: batch.detach().cpu().numpy()})]
 
     return predict
 
@@ -111,7 +133,7 @@ def onnx_predictor(path: str | Path):
 def parity(model: nn.Module, path: str | Path, batch: torch.Tensor) -> Parity:
     """Compare ONNX Runtime on ``path`` with ``model`` in PyTorch on the same batch."""
     with torch.no_grad():
-        expected = [t.detach().cpu().numpy() for t in flatten_outputs(model.eval()(batch))]
+        expected = [t.detach().cpu().numpy() for t in flatten_outputs(tree.set_training_(model, False)(batch))]
     got = run_onnx(path, batch)
     if len(got) != len(expected):
         raise ExportError(f"{path} has {len(got)} outputs, PyTorch gives {len(expected)}")

@@ -41,9 +41,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from compressor.data import Dataset
+from compressor import tree
 from compressor.errors import CompressorError, DataError
 from compressor.export import flatten_outputs
+from compressor.evaluate import Tally
 from compressor.recipe import FineTune
+from compressor.task import Task, check_labels, task_of
 
 __all__ = ["Samples", "finetune", "resolve_device", "samples_of", "split_holdout", "state_digest"]
 
@@ -176,21 +179,44 @@ def state_digest(model: nn.Module) -> str:
 # loss
 
 
-def _logits(output) -> torch.Tensor:
-    return flatten_outputs(output)[0]
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, temperature: float, alpha: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, temperature: float, alpha: float,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)`` (KL alone without labels).
 
-    Class dimension 1, so dense outputs (N, C, H, W) are distilled per position.
+    Class dimension 1, so dense outputs (N, C, H, W) are distilled per position (the KL is a mean
+    over positions); labels equal to ``ignore_index`` add no cross-entropy.
     """
     log_p = F.log_softmax(student.float() / temperature, dim=1)
     log_q = F.log_softmax(teacher.float() / temperature, dim=1)
     kl = (log_q.exp() * (log_q - log_p)).sum(1).mean() * temperature**2
-    if labels is None or alpha == 1:
+    if labels is None or alpha == 1 or not bool((labels != ignore_index).any()):
         return kl
-    return alpha * kl + (1 - alpha) * F.cross_entropy(student.float(), labels)
+    return alpha * kl + (1 - alpha) * F.cross_entropy(student.float(), labels, ignore_index=ignore_index)
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: scale-free, so outputs of any magnitude weigh alike."""
+    return (student.float() - teacher.float()).pow(2).mean() / teacher.float().pow(2).mean().clamp_min(1e-12)
+
+
+def output_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], labels: torch.Tensor | None, task: Task,
+    temperature: float, alpha: float,
+) -> torch.Tensor:
+    """The task's weighted sum over outputs: :func:`distillation_loss` on the logits (the first output
+    of a classification or segmentation model), :func:`normalized_mse` on every other output."""
+    terms = []
+    for index, (s, t, weight) in enumerate(zip(student, teacher, task.weights)):
+        if weight == 0:
+            continue
+        if index == 0 and task.logits:
+            term = distillation_loss(s, t, labels, temperature, alpha, task.ignore_index if task.kind == "segmentation" else -100)
+        else:
+            term = normalized_mse(s, t)
+        terms.append(weight * term)
+    return torch.stack(terms).sum()
 
 
 def _feature_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -209,12 +235,12 @@ class _Capture:
         self.teacher: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self.handles = []
         for name in names:
-            stack = student.get_submodule(name)
+            stack = tree.get_submodule(student, name)
             # The rewritten graph calls the stack's children one by one (name.0, name.1, ...), never the
             # Sequential itself: the last child's output is the stack's output on both graph paths.
             last = stack[-1] if isinstance(stack, nn.Sequential) and len(stack) else stack
             self.handles.append(last.register_forward_hook(self._hook(self.student[name])))
-            self.handles.append(teacher.get_submodule(name).register_forward_hook(self._hook(self.teacher[name])))
+            self.handles.append(tree.get_submodule(teacher, name).register_forward_hook(self._hook(self.teacher[name])))
 
     def _hook(self, store: list[torch.Tensor]):
         def hook(_module, _inputs, output) -> None:  # must return None: a return value replaces the output
@@ -238,55 +264,55 @@ class _Capture:
 # held-out evaluation
 
 
-class _HeldOut:
-    """Agreement with the teacher (and accuracy with labels) on this rank's shard of the held-out samples,
-    summed over ranks. The teacher's logits are computed once and cached."""
+#: Teacher outputs of the held-out samples are cached up to this many elements (1 GiB of float32);
+#: beyond it (large dense outputs) the teacher is re-run at each evaluation instead.
+_CACHE_ELEMENTS = 2**28
 
-    def __init__(self, samples: Samples, teacher: nn.Module, device: torch.device, batch_size: int, rank: int, world: int) -> None:
-        self.samples, self.device = samples, device
+
+class _HeldOut:
+    """The task's metrics (:class:`compressor.evaluate.Tally`) against the teacher on this rank's shard
+    of the held-out samples, summed over ranks. The teacher's outputs are cached when they fit."""
+
+    def __init__(
+        self, samples: Samples, teacher: nn.Module, device: torch.device, batch_size: int, rank: int, world: int, task: Task
+    ) -> None:
+        self.samples, self.device, self.teacher, self.task = samples, device, teacher, task
         positions = np.arange(samples.count)[rank::world]
         self.chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
-        self.teacher_logits: list[torch.Tensor] = []
+        per_sample = sum(math.prod(shape) for shape in task.shapes)
+        self.cached: list[list[torch.Tensor]] | None = None
+        if per_sample * len(positions) <= _CACHE_ELEMENTS:
+            self.cached = [self._teacher(chunk) for chunk in self.chunks]
+
+    def _teacher(self, chunk: np.ndarray) -> list[torch.Tensor]:
+        inputs, _ = self.samples.take(chunk)
         with torch.no_grad():
-            for chunk in self.chunks:
-                inputs, _ = samples.take(chunk)
-                self.teacher_logits.append(_logits(teacher(inputs.to(device))).float())
+            return [t.float() for t in flatten_outputs(self.teacher(inputs.to(self.device)))]
 
     def measure(self, student: nn.Module, world: int) -> dict:
-        # samples, agree, right (teacher), right (student), squared diff, squared reference
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        tally = Tally(self.task, self.device)
         was_training = student.training
-        student.eval()
+        tree.set_training_(student, False)
         with torch.no_grad():
-            for chunk, reference in zip(self.chunks, self.teacher_logits):
+            for index, chunk in enumerate(self.chunks):
                 inputs, labels = self.samples.take(chunk)
-                output = _logits(student(inputs.to(self.device))).float()
-                predicted_ref, predicted = reference.argmax(1), output.argmax(1)
-                sums[0] += len(chunk)
-                sums[1] += (predicted_ref == predicted).sum()
-                if labels is not None:
-                    labels = labels.to(self.device)
-                    sums[2] += (predicted_ref == labels).sum()
-                    sums[3] += (predicted == labels).sum()
-                sums[4] += (output.double() - reference.double()).pow(2).sum()
-                sums[5] += reference.double().pow(2).sum()
-        student.train(was_training)
+                reference = self.cached[index] if self.cached is not None else self._teacher(chunk)
+                output = [t.float() for t in flatten_outputs(student(inputs.to(self.device)))]
+                tally.add(reference, output, labels, "held-out data")
+        tree.set_training_(student, was_training)
         if world > 1:
-            dist.all_reduce(sums)
-        total = max(float(sums[0]), 1.0)
-        labeled = self.samples.labeled
-        return {
-            "samples": int(sums[0]),
-            "agreement": float(sums[1]) / total,
-            "accuracy_original": float(sums[2]) / total if labeled else None,
-            "accuracy_compressed": float(sums[3]) / total if labeled else None,
-            "output_rel_error": (float(sums[4]) / max(float(sums[5]), 1e-300)) ** 0.5,
-        }
+            for tensor in tally.tensors():
+                dist.all_reduce(tensor)
+        return tally.result()
 
 
-def _score(metrics: dict) -> tuple[float, float, float]:
+def _score(metrics: dict) -> tuple[float, ...]:
+    """Higher is better: accuracy (else agreement) first where the task has classes, then output error."""
     accuracy = metrics["accuracy_compressed"]
-    return (accuracy if accuracy is not None else metrics["agreement"], metrics["agreement"], -metrics["output_rel_error"])
+    primary = accuracy if accuracy is not None else metrics["agreement"]
+    if primary is None:
+        return (-metrics["output_rel_error"],)
+    return (primary, metrics["agreement"], -metrics["output_rel_error"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -411,8 +437,8 @@ def _curve(losses: list[float]) -> dict:
 
 def _optimizer(model: nn.Module, settings: FineTune) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm/LayerNorm parameters: it only shrinks them towards zero.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    decay = [p for p in tree.parameters(model) if p.requires_grad and p.dim() > 1]
+    other = [p for p in tree.parameters(model) if p.requires_grad and p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": other, "weight_decay": 0.0}]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.learning_rate, momentum=settings.momentum, nesterov=settings.momentum > 0)
@@ -420,11 +446,11 @@ def _optimizer(model: nn.Module, settings: FineTune) -> torch.optim.Optimizer:
 
 
 def _set_train_mode(model: nn.Module, batchnorm: str) -> None:
-    model.train()
+    tree.set_training_(model, True)
     if batchnorm == "frozen":
-        for module in model.modules():
+        for module in tree.modules(model):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+                module.training = False
 
 
 def finetune(
@@ -438,6 +464,7 @@ def finetune(
     rewritten: list[str],
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    task: Task | None = None,
 ) -> dict:
     """Fine-tune ``student`` in place by distillation from ``teacher`` and return the report record.
 
@@ -445,6 +472,7 @@ def finetune(
     batches. ``rewritten``: the qualified names of the rewritten convs (a stack in ``student``, the
     original ``nn.Conv2d`` in ``teacher``), for the feature term. ``teacher`` is not modified (a
     frozen copy is used). ``progress``: show the bar (default: when stderr is a terminal, rank 0 only).
+    ``task``: what the outputs are (:mod:`compressor.task`); ``None`` detects it from the teacher.
     The student ends on ``example_input``'s device in eval mode, with the best held-out weights seen.
     """
     started = time.perf_counter()
@@ -461,8 +489,10 @@ def finetune(
     augment = augment and example_input.dim() == 4
 
     torch.manual_seed(settings.seed)
-    teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
-    student.to(device)
+    teacher = tree.requires_grad_(tree.set_training_(tree.move_(copy.deepcopy(teacher), device), False), False)
+    tree.move_(student, device)
+    if task is None:
+        task = task_of(teacher, example_input.to(device), None)
     capture = _Capture(student, teacher, rewritten) if settings.feature_weight > 0 and rewritten else None
     model = student
     if world > 1:
@@ -476,12 +506,12 @@ def finetune(
     optimizer = _optimizer(student, settings)
     peak = settings.learning_rate
 
-    evaluator = _HeldOut(held_out, teacher, device, max(settings.batch_size, 128), rank, world)
+    evaluator = _HeldOut(held_out, teacher, device, max(settings.batch_size, 128), rank, world, task)
     eval_started = time.perf_counter()
     before = evaluator.measure(student, world)
     eval_seconds = time.perf_counter() - eval_started
     best, best_step = before, 0
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    best_state = tree.snapshot(student)
     history = [{"step": 0, **before}]
 
     losses: list[float] = []
@@ -509,18 +539,15 @@ def finetune(
                     if capture is not None:
                         capture.active = True
                     with torch.no_grad():
-                        reference = _logits(teacher(inputs))
-                    output = _logits(model(inputs))
+                        reference = flatten_outputs(teacher(inputs))
+                    output = flatten_outputs(model(inputs))
                     if capture is not None:
                         capture.active = False
-                    if labels is not None:
-                        labels = labels.to(device)
-                        if tuple(labels.shape) != (output.shape[0], *output.shape[2:]):
-                            raise DataError(
-                                f"fine-tuning data: labels of shape {tuple(labels.shape)} do not fit the model output "
-                                f"{tuple(output.shape)} (expected one class index per sample or position)"
-                            )
-                    loss = distillation_loss(output, reference, labels, settings.temperature, settings.alpha)
+                    if labels is not None and task.logits:
+                        labels = check_labels(task, labels.to(device), output[0], "fine-tuning data")
+                    else:
+                        labels = None  # outputs without classes have no labels to learn from
+                    loss = output_loss(output, reference, labels, task, settings.temperature, settings.alpha)
                     if capture is not None:
                         loss = loss + settings.feature_weight * _feature_loss(capture.pairs())
                     optimizer.zero_grad(set_to_none=True)
@@ -573,7 +600,7 @@ def finetune(
                         history.append({"step": step, **measured})
                         if _score(measured) > _score(best):
                             best, best_step = measured, step
-                            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                            best_state = tree.snapshot(student)
                     if reason is not None:
                         break
                 epoch += 1
@@ -583,14 +610,15 @@ def finetune(
                 history.append({"step": step, **measured})
                 if _score(measured) > _score(best):
                     best, best_step = measured, step
-                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                    best_state = tree.snapshot(student)
     finally:
         bar.close()
         if capture is not None:
             capture.remove()
-    student.load_state_dict(best_state)
-    student.to(home).eval()
+    tree.restore_(student, best_state)
+    tree.set_training_(tree.move_(student, home), False)
     record = {
+        "task": task.kind,
         "device": str(device),
         "world_size": world,
         "stopped_by": reason,

@@ -28,7 +28,7 @@ from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
 from compressor.phases import timed
 from compressor.passes.sequential import as_sequential
-from compressor.passes import LayerPlan, Traced, lift_functional_convs_, match_functional_convs, plan_layers, rewrite_, trace
+from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_functional_convs_, match_computed_convs, match_functional_convs, plan_layers, rewrite_, trace
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.refit import refit_all_
 from compressor.ranks import allowed_ranks
@@ -212,6 +212,8 @@ def plan(
     seconds: dict[str, float] = {}
     with timed(seconds, "trace"):
         working = tree.set_training_(copy.deepcopy(model), False)
+        # Before tracing: FX would trace through a computed-weight conv and never see a conv module.
+        folded = fold_computed_convs_(working, match_computed_convs(working))
         traced = trace(working)
         lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
         profiles = _profile(traced.module, example_input)
@@ -219,6 +221,12 @@ def plan(
     for layer in layers:
         if layer.name in lifted:
             layer.add_note("lifted into an nn.Conv2d from a functional conv call")
+        if layer.name in folded:
+            computed = folded[layer.name]
+            layer.add_note(
+                f"{computed.kind}: folded into a plain nn.Conv2d holding its eval-mode weight "
+                f"(probe relative error {computed.rel_error:.1e})"
+            )
     calibration, statistics = None, {}
     if data is not None:
         with timed(seconds, "calibrate"):

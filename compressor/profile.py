@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compressor import tree
+
 
 @dataclass
 class CallShape:
@@ -64,7 +66,7 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
 
         return hook
 
-    for name, module in model.named_modules(remove_duplicate=True):
+    for name, module in tree.named_modules(model):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             profiles[name] = LayerProfile(module)
             handles.append(module.register_forward_hook(record(name)))
@@ -78,7 +80,7 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
 
 
 def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in tree.parameters(module))
 
 
 def totals(profiles: dict[str, LayerProfile]) -> dict[str, int]:

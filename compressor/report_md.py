@@ -164,9 +164,16 @@ def _metrics_lines(report: dict) -> list[str]:
         lines += ["| comparison | samples | top-1 agreement | accuracy original | accuracy compressed | output rel. error |", "|---|---|---|---|---|---|"]
         for label, values in rows:
             lines.append(
-                f"| {label} | {values['samples']} | {values['agreement']:.4f} | {_num(values.get('accuracy_original'), '.4f')} | "
+                f"| {label} | {values['samples']} | {_num(values.get('agreement'), '.4f')} | {_num(values.get('accuracy_original'), '.4f')} | "
                 f"{_num(values.get('accuracy_compressed'), '.4f')} | {_num(values.get('output_rel_error'), '.3e')} |"
             )
+        # Segmentation: agreement and accuracy above count pixels; mean IoU says how the classes fare.
+        for label, values in rows:
+            if values.get("miou_vs_original") is not None:
+                lines.append(
+                    f"\n{label}: mIoU vs the original's prediction {values['miou_vs_original']:.4f}; vs labels "
+                    f"{_num(values.get('miou_original'), '.4f')} (original) -> {_num(values.get('miou_compressed'), '.4f')} (compressed)."
+                )
     else:
         lines.append("No `--eval-data`: no accuracy or agreement figures.")
     if int8:

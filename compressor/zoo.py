@@ -50,6 +50,9 @@ __all__ = [
     "deeplab_style",
     "edge_cases",
     "untraceable",
+    "unet",
+    "shadowed_unet",
+    "yolo_style",
 ]
 
 #: Normalisation the pretrained ``resnet20-cifar10.pth`` was trained with (these are the
@@ -949,6 +952,10 @@ def untraceable(*, num_classes: int = 10, width: int = 8) -> nn.Module:
 # registry
 # --------------------------------------------------------------------------------------------
 
+# Dense and multi-output heads live in their own modules (one model family each).
+from compressor.zoo_unet import shadowed_unet, unet  # noqa: E402
+from compressor.zoo_yolo import yolo_style  # noqa: E402
+
 ZOO: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
@@ -959,6 +966,9 @@ ZOO: Dict[str, Callable[..., nn.Module]] = {
     "deeplab_style": deeplab_style,
     "edge_cases": edge_cases,
     "untraceable": untraceable,
+    "unet": unet,
+    "shadowed_unet": shadowed_unet,
+    "yolo_style": yolo_style,
 }
 
 _DEFAULT_INPUT_SHAPES: Dict[str, Tuple[int, int, int, int]] = {
@@ -971,6 +981,9 @@ _DEFAULT_INPUT_SHAPES: Dict[str, Tuple[int, int, int, int]] = {
     "deeplab_style": (1, 3, 128, 128),
     "edge_cases": (1, 3, 32, 32),
     "untraceable": (1, 3, 32, 32),
+    "unet": (1, 3, 128, 128),
+    "shadowed_unet": (1, 3, 128, 128),
+    "yolo_style": (1, 3, 256, 256),
 }
 
 

@@ -15,7 +15,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compressor import zoo
+from compressor import tree, zoo
+from compressor.export import flatten_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -38,6 +39,12 @@ SMALL = {
     "deeplab_style": (dict(num_classes=NUM_CLASSES, width=8), 64, (NUM_CLASSES, 64, 64)),
     "edge_cases": (dict(num_classes=NUM_CLASSES, width=8), 32, (NUM_CLASSES,)),
     "untraceable": (dict(num_classes=NUM_CLASSES, width=8), 32, (NUM_CLASSES,)),
+    "unet": (dict(num_classes=NUM_CLASSES, width=8), 64, (NUM_CLASSES, 64, 64)),
+    "shadowed_unet": (dict(num_classes=NUM_CLASSES, width=8), 64, (NUM_CLASSES, 64, 64)),
+    # Three scales (strides 8, 16, 32) of 4 x reg_max (4) box channels + the classes.
+    "yolo_style": (
+        dict(num_classes=NUM_CLASSES, width=8), 64, [(16 + NUM_CLASSES, 8, 8), (16 + NUM_CLASSES, 4, 4), (16 + NUM_CLASSES, 2, 2)]
+    ),
 }
 TRACEABLE = [n for n in SMALL if n != "untraceable"]
 
@@ -47,7 +54,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     kwargs, _, _ = SMALL[name]
     model = zoo.ZOO[name](**kwargs)
     zoo.randomize_batchnorm(model, seed=seed)
-    return model.eval()
+    return tree.set_training_(model, False)  # shadowed_unet shadows children(), which eval() calls
 
 
 def small_input(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -84,8 +91,8 @@ def test_default_input_shape(name):
     # the small version must accept the default input shape too
     model = build(name)
     with torch.no_grad():
-        out = model(torch.randn(*shape))
-    assert out.shape[0] == 1, f"{name}: output {tuple(out.shape)} for input {shape}"
+        outputs = flatten_outputs(model(torch.randn(*shape)))
+    assert all(out.shape[0] == 1 for out in outputs), f"{name}: outputs {[tuple(o.shape) for o in outputs]} for input {shape}"
 
 
 def test_default_input_shape_unknown():
@@ -99,17 +106,19 @@ def test_forward_shape_and_finite(name):
     _, _, out_shape = SMALL[name]
     x = small_input(name)
     with torch.no_grad():
-        out = model(x)
-    assert tuple(out.shape) == (2, *out_shape), f"{name}: got {tuple(out.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite outputs"
-    std = out.std().item()
-    assert 1e-4 < std < 1e4, f"{name}: output std {std:.3g} is degenerate"
+        outputs = flatten_outputs(model(x))
+    expected = out_shape if isinstance(out_shape, list) else [out_shape]
+    assert [tuple(o.shape) for o in outputs] == [(2, *shape) for shape in expected], f"{name}: got {[tuple(o.shape) for o in outputs]}"
+    for out in outputs:
+        assert torch.isfinite(out).all(), f"{name}: non-finite outputs"
+        std = out.std().item()
+        assert 1e-4 < std < 1e4, f"{name}: output std {std:.3g} is degenerate"
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_convs_are_named_conv2d_modules(name):
     model = build(name)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [n for n, m in tree.named_modules(model) if isinstance(m, nn.Conv2d)]
     assert len(convs) >= 3, f"{name}: only {len(convs)} Conv2d modules: {convs}"
     assert all(convs), f"{name}: unnamed Conv2d module"
 
@@ -120,9 +129,9 @@ def test_symbolic_trace_matches_eager(name):
     gm = torch.fx.symbolic_trace(model)
     x = small_input(name)
     with torch.no_grad():
-        ref, got = model(x), gm(x)
-    err = (ref - got).abs().max().item()
-    assert err == 0.0, f"{name}: traced vs eager max abs diff {err:.3g}"
+        ref, got = flatten_outputs(model(x)), flatten_outputs(gm(x))
+    err = max((r - g).abs().max().item() for r, g in zip(ref, got))
+    assert len(ref) == len(got) and err == 0.0, f"{name}: traced vs eager max abs diff {err:.3g}"
 
 
 def test_untraceable_raises_but_runs_both_branches():
@@ -143,12 +152,12 @@ def test_pickle_roundtrip(name, tmp_path):
     model = build(name)
     path = tmp_path / f"{name}.pt"
     torch.save(model, path)
-    loaded = torch.load(path, weights_only=False).eval()
+    loaded = tree.set_training_(torch.load(path, weights_only=False), False)
     assert type(loaded) is type(model)
     x = small_input(name)
     with torch.no_grad():
-        ref, got = model(x), loaded(x)
-    err = (ref - got).abs().max().item()
+        ref, got = flatten_outputs(model(x)), flatten_outputs(loaded(x))
+    err = max((r - g).abs().max().item() for r, g in zip(ref, got))
     assert err == 0.0, f"{name}: reloaded model differs by {err:.3g}"
 
 

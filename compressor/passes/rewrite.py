@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.fx
 from torch import nn
 
-from compressor import walk
+from compressor import tree
+from compressor.passes.computed import ComputedConv
 from compressor.passes.functional import FunctionalConv
 
 
@@ -16,7 +17,7 @@ def _parent_name(target: str) -> tuple[str, str]:
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent, name = _parent_name(target)
-    setattr(walk.get_submodule(root, parent), name, module)
+    setattr(tree.get_submodule(root, parent), name, module)
 
 
 def swap_(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -26,9 +27,9 @@ def swap_(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     That is enough to run the model (the calibration refits run on such a copy); :func:`rewrite_`
     also inlines the chains so that the graph shows the factors.
     """
-    replaced = {id(walk.get_submodule(model, target)): target for target in replacements}
+    replaced = {id(tree.get_submodule(model, target)): target for target in replacements}
     aliases: dict[str, list[str]] = {target: [] for target in replacements}
-    for name, module in walk.named_modules(model, remove_duplicate=False):
+    for name, module in tree.named_modules(model, remove_duplicate=False):
         if id(module) in replaced:
             aliases[replaced[id(module)]].append(name)
     for target in sorted(replacements):
@@ -111,3 +112,11 @@ def lift_functional_convs_(module: nn.Module, calls: list[FunctionalConv]) -> li
     graph.lint()
     module.recompile()
     return [call.name for call in liftable]
+
+
+def fold_computed_convs_(model: nn.Module, found: list[ComputedConv]) -> dict[str, ComputedConv]:
+    """Put each foldable computed-weight conv's plain ``nn.Conv2d`` in its place (under every alias),
+    in place. Returns the folded ones by name."""
+    folded = {item.name: item for item in found if item.conv is not None}
+    swap_(model, {name: item.conv for name, item in folded.items()})
+    return folded
