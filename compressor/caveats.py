@@ -2,8 +2,8 @@
 
 A plan may be valid and still surprising: ``rank: full`` (or no rank and no target) is exact but
 bigger than the conv it replaces, and a ``target`` whose rules all fix a rank has nothing to solve.
-Both used to run silently; the user may mean them (``lossless.yaml`` grows MACs on purpose), so
-they are warnings rather than errors.
+Either may be meant (``lossless.yaml`` grows MACs on purpose), so they are warnings, not errors;
+run silently, both looked like the tool failing to compress.
 """
 
 from __future__ import annotations
