@@ -49,10 +49,22 @@ def test_every_readme_result_row_is_a_benchmarks_md_row():
         assert matching, f"README row {row}: no BENCHMARKS.md row holds all of {numbers}"
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
 @pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: p.name)
-def test_relative_links_resolve(page):
-    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text())
-    broken = [link for link in links if "://" not in link and not (page.parent / link).exists()]
+def test_relative_links_and_anchors_resolve(page):
+    links = re.findall(r"\]\(([^)#]*)(?:#([^)]*))?\)", page.read_text())
+    broken = []
+    for link, anchor in links:
+        if "://" in link:
+            continue
+        target = page.parent / link if link else page
+        if not target.exists() or (anchor and target.suffix == ".md" and anchor not in _anchors(target)):
+            broken.append(f"{link}#{anchor}" if anchor else link)
     assert not broken, f"{page.name}: broken links {broken}"
 
 
