@@ -171,7 +171,6 @@ def _log_warnings_to_stderr() -> None:
     logger = logging.getLogger("compressor")
     if not any(isinstance(handler, _OneLineLogWarnings) for handler in logger.handlers):  # main() may run repeatedly
         logger.addHandler(_OneLineLogWarnings())
-    logger.propagate = False
 
 
 def _providers(text: str) -> list[str]:

@@ -9,6 +9,7 @@ one it checks; one successful lossless run (default output folder) is shared by 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -640,3 +641,13 @@ def test_surprising_plans_are_one_line_warnings(tmp_path, tiny_state_dict, capsy
                             "--set", "target={macs: 0.8}")
     warned = [line for line in err.splitlines() if line.startswith(WARNING_PREFIX)]
     assert code == 0 and len(warned) == 1 and "changes nothing" in warned[0] and "rules.0.rank=null" in warned[0], err
+
+
+def test_the_cli_leaves_the_library_logs_reaching_the_root_logger(tmp_path, caplog, capsys):
+    from compressor import cli
+
+    assert cli.main(["bench", str(tmp_path / "missing.onnx")]) == 2
+    caplog.set_level(logging.WARNING, logger="compressor")
+    logging.getLogger("compressor.pipeline").warning("reaches the root")
+    assert [r.getMessage() for r in caplog.records] == ["reaches the root"], "later callers in the process lose the logs"
+    assert capsys.readouterr().err.count("reaches the root") == 1, "printed twice"
