@@ -89,3 +89,11 @@ def test_api_docs_describe_what_save_writes():
     missing = [name for name in OUTPUT_FILES if not name.endswith(".png") and name not in described]
     assert not missing, f"docs/api.md's result.save does not name {missing}"
     assert not re.search(r"all (two|three|four|five|six) output files", api), "save writes as many files as the recipe asks"
+
+
+def test_recipes_page_names_every_method():
+    from compressor.methods import METHODS
+
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    missing = [name for name in (*METHODS, "keep") if f"`{name}`" not in recipes]
+    assert not missing, f"docs/recipes.md does not name the methods {missing}"
