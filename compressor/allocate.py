@@ -146,10 +146,13 @@ def assign_ranks(
     recipe,
     statistics: dict[str, LayerStatistics] | None = None,
     latency=None,
+    fraction: float | None = None,
 ) -> dict | None:
     """Fill in method, rank and costs of every rewriting plan; return the budget record, if any.
 
     ``latency`` (a :class:`compressor.latency.LatencyCost`) is required for ``target: {latency: f}``.
+    ``fraction`` replaces the target's own (the latency target's end-to-end correction solves for
+    another fraction than it promises).
 
     ``statistics`` (from :func:`compressor.calibrate.collect_statistics`) makes spectral ranks
     and the budget's errors data-aware. Raises ``RankError`` for a rank that does not fit and for a
@@ -163,7 +166,8 @@ def assign_ranks(
             _fixed_rank(plan, recipe.rules[plan.rule], conv, profile, statistics.get(plan.name))
     if recipe.target is None:
         return None
-    metric, fraction = recipe.target.metric, recipe.target.fraction
+    metric = recipe.target.metric
+    fraction = recipe.target.fraction if fraction is None else fraction
     if metric == "latency":
         if latency is None:
             raise ValueError("target {latency: f} needs a latency cost model (compressor.latency.latency_cost_for)")

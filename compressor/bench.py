@@ -215,6 +215,7 @@ def latency_step(report: dict, recipe, out: Path, int8_path: Path | None = None)
         out / "original.onnx", out / "compressed.onnx", report["input_shape"], threads=settings.threads,
         runs=settings.runs, warmup=settings.warmup, providers=settings.providers, extra=extra,
     )
+    report["advice"] = deployment_advice(report["latency"])
     target = report.get("target")
     if target and target["metric"] == "latency":
         same = [r for r in report["latency"] if r["threads"] == target["threads"]]
@@ -222,3 +223,19 @@ def latency_step(report: dict, recipe, out: Path, int8_path: Path | None = None)
             target["measured_ms"] = same[0]["compressed_ms"]
             target["measured_original_ms"] = same[0]["original_ms"]
             target["achieved"] = same[0]["compressed_ms"] / same[0]["original_ms"]
+
+
+def deployment_advice(latency: Sequence[dict]) -> dict:
+    """What the measurements say to ship: the fastest thread count, float or INT8, and every
+    setting where the compressed model is slower than the original (said plainly, not averaged)."""
+    fastest = min(latency, key=lambda r: r["compressed_ms"])
+    advice = {
+        "threads": fastest["threads"],
+        "compressed_ms": fastest["compressed_ms"],
+        "slower_than_original": [r["threads"] for r in latency if r["speedup"] < 1.0],
+    }
+    if "int8_ms" in fastest:
+        int8 = min(latency, key=lambda r: r["int8_ms"])
+        advice["format"] = "int8" if int8["int8_ms"] < fastest["compressed_ms"] else "float"
+        advice["int8_vs_float"] = fastest["compressed_ms"] / int8["int8_ms"]
+    return advice

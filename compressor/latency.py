@@ -49,7 +49,7 @@ from compressor.profile import CallShape
 #: Ranks timed per method and layer (spread over the allowed ones): each is a session and its runs.
 LATENCY_CANDIDATES = 12
 _WARMUP = 3
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: depthwise multipliers above 1 timed in their branched form
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +65,7 @@ def random_factors(method: Method, conv: nn.Conv2d, rank: int, groups: int) -> t
     shapes = {
         "depthwise_separable": [(in_channels * rank, 1, kh, kw), (out_channels, in_channels * rank, 1, 1)],
         "spatial_separable": [(rank, in_channels, kh, 1), (out_channels, rank, 1, kw)],
+        "low_rank": [(rank, in_channels, kh, kw), (out_channels, rank, 1, 1)],
         "grouped": [(rank, in_channels), (rank, rank // groups, kh, kw), (out_channels, rank)],
         "cp": [(rank, in_channels), (rank, kh), (rank, kw), (out_channels, rank)],
     }[method.name]
@@ -125,6 +126,25 @@ def convs_model(geometries: Sequence[dict], input_shape: Sequence[int], opset: i
     return model.SerializeToString()
 
 
+def _plain_chain(stack: nn.Module | None) -> bool:
+    return stack is None or (type(stack) is nn.Sequential and all(type(m) is nn.Conv2d for m in stack))
+
+
+def _exported(stack: nn.Module, input_shape: Sequence[int], opset: int = 17) -> bytes:
+    """A stack with a forward of its own (``layers.DecoupledSeparable``), as torch.onnx writes it."""
+    import contextlib
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        example = torch.randn(tuple(input_shape), dtype=next(stack.parameters()).dtype)
+        torch.onnx.export(stack.eval(), (example,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True)
+    return buffer.getvalue()
+
+
 class LatencyTable:
     """Median single-layer latencies (ms), measured once per key and kept in ``cache_dir``."""
 
@@ -160,9 +180,14 @@ class LatencyTable:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         return self.cache_dir / f"{digest}.json"
 
-    def stack_ms(self, modules: Sequence[nn.Conv2d], input_shape: Sequence[int], label: dict | None = None) -> float:
-        """Median ms of running these convs in sequence on ``input_shape``; cached."""
-        geometries = [conv_geometry(m) for m in modules]
+    def stack_ms(self, modules: Sequence[nn.Conv2d] | nn.Module, input_shape: Sequence[int], label: dict | None = None) -> float:
+        """Median ms of running these convs in sequence (or this stack module, as it exports) on
+        ``input_shape``; cached."""
+        stack = modules if isinstance(modules, nn.Module) else None
+        convs = [m for m in nn.Module.modules(stack) if isinstance(m, nn.Conv2d)] if stack is not None else list(modules)
+        geometries = [conv_geometry(m) for m in convs]
+        if stack is not None:
+            label = {**(label or {}), "form": type(stack).__name__}
         key = self._key(geometries, input_shape, label or {})
         path = self._path(key)
         try:
@@ -173,7 +198,8 @@ class LatencyTable:
         except (OSError, ValueError, KeyError):
             pass
         started = time.perf_counter()
-        sess = bench.session(convs_model(geometries, input_shape), threads=self.threads, providers=self.providers)
+        onnx_model = convs_model(geometries, input_shape) if _plain_chain(stack) else _exported(stack, input_shape)
+        sess = bench.session(onnx_model, threads=self.threads, providers=self.providers)
         feed = {"input": np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)}
         for _ in range(_WARMUP):
             sess.run(None, feed)
@@ -199,7 +225,7 @@ class LatencyTable:
         except OSError:
             pass  # an unwritable cache only costs time
 
-    def _calls_ms(self, modules: Sequence[nn.Conv2d], conv: nn.Conv2d, calls: Sequence[CallShape], batch: int, label: dict) -> float:
+    def _calls_ms(self, modules: Sequence[nn.Conv2d] | nn.Module, conv: nn.Conv2d, calls: Sequence[CallShape], batch: int, label: dict) -> float:
         return sum(self.stack_ms(modules, (batch, conv.in_channels, *call.input_hw), label) for call in calls)
 
     def original_ms(self, conv: nn.Conv2d, calls: Sequence[CallShape], batch: int) -> float:
@@ -207,8 +233,7 @@ class LatencyTable:
 
     def candidate_ms(self, method: Method, conv: nn.Conv2d, calls: Sequence[CallShape], batch: int, rank: int, groups: int) -> float:
         stack = method.build(conv, random_factors(method, conv, rank, groups), groups)
-        convs = [m for m in stack.modules() if isinstance(m, nn.Conv2d)]
-        return self._calls_ms(convs, conv, calls, batch, {"method": method.name, "rank": rank, "groups": groups})
+        return self._calls_ms(stack, conv, calls, batch, {"method": method.name, "rank": rank, "groups": groups})
 
     def summary(self) -> dict:
         return {

@@ -38,6 +38,7 @@ from compressor.report import layer_record, planned_totals, render_plan, totals_
 from compressor.report_md import FILES as REPORT_MD_FILES, write_report_md
 from compressor.bench import latency_step
 from compressor.latency import latency_cost_for
+from compressor.latency_target import hold_latency_target
 from compressor.quantize import INT8_FILE, int8_step
 
 #: Written beside OUTPUT_FILES when the input model was a torch.export archive.
@@ -245,7 +246,9 @@ def plan(
         latency = None
         if recipe.target is not None and recipe.target.metric == "latency":
             latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
-        target = assign_ranks(layers, traced.module, profiles, recipe, statistics, latency)
+            target = hold_latency_target(layers, traced.module, profiles, recipe, statistics, latency, example_input)
+        else:
+            target = assign_ranks(layers, traced.module, profiles, recipe, statistics)
     result = Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
     for caveat in plan_caveats(result.report(), recipe):
         log.warning(caveat)

@@ -210,6 +210,19 @@ def _latency_lines(report: dict) -> list[str]:
                   + ", ".join(f"{r['speedup'] * macs_ratio:.2f} ({threads_label(r['threads'])} threads)" for r in latency) + "."]
     lines += ["", f"{latency[0]['provider']}, graph optimizations ALL, {latency[0]['runs']} alternating runs per model "
               "after warm-up; medians, p90 in parentheses."]
+    return lines + _advice_lines(report.get("advice"))
+
+
+def _advice_lines(advice: dict | None) -> list[str]:
+    if not advice:
+        return []
+    lines = ["", f"**Recommended:** {threads_label(advice['threads'])} intra-op thread(s)"
+             + (f", {advice['format']}" if "format" in advice else "") + f" ({advice['compressed_ms']:.3f} ms compressed)."]
+    if advice.get("format") == "float":
+        lines.append(f"INT8 is slower than float here ({advice['int8_vs_float']:.2f}x of the float compressed speed): ship the float model.")
+    if advice["slower_than_original"]:
+        settings = ", ".join(threads_label(t) for t in advice["slower_than_original"])
+        lines.append(f"**The compressed model is slower than the original at {settings} thread(s).**")
     return lines
 
 

@@ -21,6 +21,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 from tests.models_for_cli import tiny_net
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory):
+    """One latency cache for the whole run (``target: {latency: f}`` times layers once per shape),
+    never the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -93,3 +93,18 @@ def test_bench_json_of_one_model_names_its_fields_model(onnx_pair, capsys):
     (record,) = json.loads(capsys.readouterr().out)
     assert record["model_ms"] > 0 and record["model_p90_ms"] >= record["model_ms"], record
     assert not [key for key in record if key.startswith(("original", "compressed"))], record
+
+
+def test_advice_names_the_fastest_setting_and_every_slower_one():
+    from compressor.bench import deployment_advice
+
+    rows = [
+        {"threads": 1, "compressed_ms": 5.0, "speedup": 1.6, "int8_ms": 7.0},
+        {"threads": 0, "compressed_ms": 6.0, "speedup": 0.9, "int8_ms": 6.5},
+    ]
+    advice = deployment_advice(rows)
+    assert advice["threads"] == 1 and advice["compressed_ms"] == 5.0, advice
+    assert advice["slower_than_original"] == [0], advice
+    assert advice["format"] == "float" and abs(advice["int8_vs_float"] - 5.0 / 6.5) < 1e-12, advice
+    rows[1]["int8_ms"] = 4.0
+    assert deployment_advice(rows)["format"] == "int8", deployment_advice(rows)

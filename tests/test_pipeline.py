@@ -12,6 +12,7 @@ import compressor
 from compressor import zoo
 from compressor.errors import CompressorError, RankError, RecipeError
 from compressor.passes.trace import TraceFallbackWarning
+from compressor.recipe import apply_overrides
 
 SMALL_MODELS = {
     "resnet18": (lambda: zoo.resnet18(num_classes=10, width=8), (1, 3, 64, 64)),
@@ -51,7 +52,8 @@ def _assert_rewritten(result, original):
     if isinstance(result.model, torch.fx.GraphModule):
         result.model.graph.lint()
         called = {n.target for n in result.model.graph.nodes if n.op == "call_module"}
-        leftover = sorted(called & set(rewritten))
+        # Plain chains are inlined; a stack with a forward of its own (DecoupledSeparable) is one call.
+        leftover = sorted(n for n in called & set(rewritten) if type(result.model.get_submodule(n)) is nn.Sequential)
         assert not leftover, f"graph still calls the replaced convs {leftover}"
     originals = dict(original.named_modules())
     changed = [name for name in rewritten if name in originals and type(originals[name]) is not nn.Conv2d]
@@ -362,7 +364,10 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_runs_end_to_end(recipe, tmp_path):
     model, x = _build("resnet18")
-    result = compressor.compress(model, recipe, x)
+    spec = compressor.load_recipe(recipe)
+    if spec.target is not None and spec.target.metric == "latency":  # few timed runs: the plan's shape is checked, not its speed
+        spec = compressor.load_recipe(apply_overrides(spec.model_dump(mode="json", exclude_none=True), ["bench.layer_runs=2", "bench.runs=3", "bench.warmup=1"]))
+    result = compressor.compress(model, spec, x)
     rewritten = [layer for layer in result.report["layers"] if layer["method"] != "keep"]
     assert rewritten, f"{recipe.name} rewrote nothing on resnet18"
     result.export_onnx(tmp_path / "c.onnx")
