@@ -26,6 +26,10 @@ from compressor.decompose.whiten import Whitening, whitening
 Batches = Callable[[], Iterable[torch.Tensor]]
 """A callable that returns a fresh iterable of input batches each time (several passes are made)."""
 
+Pairs = Iterable[tuple[torch.Tensor, torch.Tensor, int]]
+"""Per batch and call of a conv: (its output in the original network, its input in the compressed
+network, the batch size on a batch's first call and 0 after), as :func:`paired_calls` yields them."""
+
 _CHUNK_ELEMENTS = 1 << 24  # patches materialized at once, per chunk of a batch
 
 
@@ -197,6 +201,13 @@ def refit_last_factor_(
     stack's last-factor inputs computed from the working network's activations. The new weights are
     kept only if they lower the calibration error, so the refit can never make it worse.
     """
+    return fit_last_factor_(stack, paired_calls(original, working, name, calls, batches), ridge)
+
+
+def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) -> Refit:
+    """The least squares of :func:`refit_last_factor_` on ``pairs``, wherever they come from
+    (re-run networks, or :mod:`compressor.walk`'s one pass). ``stack[:-1]`` runs as a module, so
+    it may hold any layers, not only convs."""
     head, last = stack[:-1], stack[-1]
     extractor = _last_factor_patches(last)
     with_bias = last.bias is not None
@@ -205,7 +216,7 @@ def refit_last_factor_(
     cross = torch.zeros(last.out_channels, size, dtype=torch.float64)
     energy, samples = 0.0, 0
     with torch.no_grad():
-        for target, hidden, batch_size in paired_calls(original, working, name, calls, batches):
+        for target, hidden, batch_size in pairs:
             samples += batch_size
             features = head(hidden)
             patches = _columns(features if extractor is None else extractor(features))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compressor import layers
-from compressor.calibrate import Batches, Refit, paired_calls
+from compressor.calibrate import Batches, Pairs, Refit, paired_calls
 
 _RIDGE = 1e-6
 
@@ -44,6 +44,11 @@ def collect_patch_statistics(
     original: nn.Module, working: nn.Module, name: str, conv: nn.Conv2d, calls: int, batches: Batches
 ) -> PatchStatistics:
     """One pass: patches of ``name``'s input in ``working`` against its output in ``original``."""
+    return patch_statistics(conv, paired_calls(original, working, name, calls, batches))
+
+
+def patch_statistics(conv: nn.Conv2d, pairs: Pairs) -> PatchStatistics:
+    """The sums of :class:`PatchStatistics` over ``pairs`` (see :data:`compressor.calibrate.Pairs`)."""
     extractor = layers.build_patch_extractor(
         conv, conv.kernel_size, stride=conv.stride, padding=layers.factor_padding(conv), dilation=conv.dilation
     )
@@ -52,7 +57,7 @@ def collect_patch_statistics(
     cross = torch.zeros(size, conv.out_channels, dtype=torch.float64)
     energy, samples = 0.0, 0
     with torch.no_grad():
-        for target, hidden, batch_size in paired_calls(original, working, name, calls, batches):
+        for target, hidden, batch_size in pairs:
             samples += batch_size
             for part_target, part_hidden in zip(target.split(16), hidden.split(16)):
                 patches = extractor(part_hidden)

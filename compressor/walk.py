@@ -29,6 +29,7 @@ would need inputs that only exist after the walk has passed it), or extra inputs
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -113,8 +114,8 @@ def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[s
             elif node.op == "get_attr":
                 original[node] = compressed[node] = [_attribute(module, node.target)] * len(batches)
             else:
-                _evaluate(node, modules, original, compressed, replaced, len(batches))
                 name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
+                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None)
                 if name is not None:
                     hidden = [fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))]
                     chosen[name] = replaced[node.target] = visit[name](name, original[node], hidden)
@@ -125,22 +126,50 @@ def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[s
     return chosen
 
 
-def _evaluate(node, modules, original, compressed, replaced, count: int) -> None:
-    """Run ``node`` on every batch in both networks; once for both while their inputs are the same."""
+_INPLACE_FUNCTIONS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
+
+
+def _may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may write into an input (``x += y``, ``relu_``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+
+
+def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True) -> None:
+    """Run ``node`` on every batch in the original network and, if ``both``, the compressed one;
+    once for both while all its inputs are the same tensors in both."""
     inputs = node.all_input_nodes
     same = all(original[n] is compressed[n] for n in inputs) and node.target not in replaced
+    shared = {n for n in inputs if original[n] is compressed[n]}
+    # A node that writes into an input must not write into a tensor the other network still reads.
+    private = both and not same and shared and _may_mutate(node, modules)
+    if private:
+        copies = {n: [value.clone() if isinstance(value, torch.Tensor) else value for value in original[n]] for n in shared}
+        compressed_env = {n: copies.get(n, compressed[n]) for n in inputs}
+    else:
+        compressed_env = compressed
     values = []
     for b in range(count):
         args = fx.node.map_arg(node.args, lambda n: original[n][b])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: original[n][b])
         values.append(_run(node, modules, args, kwargs, {}))
     original[node] = values
-    if same:
+    if same and both:
         compressed[node] = values
+        return
+    if not both:
         return
     values = []
     for b in range(count):
-        args = fx.node.map_arg(node.args, lambda n: compressed[n][b])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: compressed[n][b])
+        args = fx.node.map_arg(node.args, lambda n: compressed_env[n][b])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: compressed_env[n][b])
         values.append(_run(node, modules, args, kwargs, replaced))
     compressed[node] = values

@@ -1,0 +1,68 @@
+"""Refit every factor stack against the original network, layer after layer in execution order.
+
+Each stack is refitted so that, fed by the network compressed so far, it reproduces the original
+layer's output on the original network (the asymmetric objective of Zhang et al., TPAMI 2016, see
+:mod:`compressor.calibrate`): spatially separable stacks by ALS on both factors
+(:mod:`compressor.joint_refit`), every other stack by least squares on its last factor.
+
+The activations come from :func:`compressor.walk.walk_`, one pass over the calibration batches.
+Where the walk cannot serve the model (:func:`compressor.walk.supports`: no FX graph, a conv called
+more than once), each layer re-runs both networks from the input instead, which gives the same
+numbers at quadratic cost.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from compressor import walk
+from compressor.calibrate import Pairs, Refit, fit_last_factor_, paired_calls
+from compressor.joint_refit import patch_statistics, spatial_als_
+from compressor.passes import swap_
+
+#: The method whose stacks get the two-factor ALS refit; every other stack refits its last factor.
+JOINT_METHOD = "spatial_separable"
+
+
+def refit_stack_(method: str, conv: nn.Conv2d, stack: nn.Sequential, pairs: Callable[[], Pairs]) -> Refit:
+    """Refit ``stack`` (the factorization of ``conv`` by ``method``) in place on ``pairs()``."""
+    if method == JOINT_METHOD:
+        return spatial_als_(stack, conv, patch_statistics(conv, pairs()))
+    return fit_last_factor_(stack, pairs())
+
+
+def refit_all_(
+    module: nn.Module,
+    stacks: dict[str, tuple[str, nn.Sequential]],
+    calibration: Sequence[torch.Tensor],
+    calls: dict[str, int],
+) -> dict[str, Refit]:
+    """Refit every ``stacks[name] = (method, stack)`` in place, in the dict's order (execution order).
+
+    ``module`` holds the original convs under the names of ``stacks`` and is not changed;
+    ``calls[name]`` is how often the model calls that conv (the re-run fallback needs it).
+    """
+    refits: dict[str, Refit] = {}
+    if walk.supports(module, list(stacks)) is None:
+
+        def visit(name: str, targets: list[torch.Tensor], hidden: list[torch.Tensor]) -> nn.Module:
+            method, stack = stacks[name]
+            pairs = lambda: zip(targets, hidden, (batch.shape[0] for batch in targets))  # noqa: E731
+            refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
+            return stack
+
+        parameter = next(module.parameters(), None)
+        if parameter is not None:  # as the re-run path does: batches in the model's dtype and device
+            calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
+        walk.walk_(module, calibration, {name: visit for name in stacks})
+        return refits
+    working = copy.deepcopy(module)
+    for name, (method, stack) in stacks.items():
+        pairs = lambda: paired_calls(module, working, name, calls[name], lambda: iter(calibration))  # noqa: E731
+        refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
+        swap_(working, {name: stack})
+    return refits

@@ -1,0 +1,128 @@
+"""The one-pass refit (compressor.walk): same stacks as re-running both networks per layer, linear work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+from compressor import refit, walk, zoo
+from compressor.methods import METHODS, factorize
+from compressor.passes import swap_
+
+# Every method family: last-factor refits and the two-factor spatial ALS.
+RULES = {"layer1": "spatial_separable", "layer2": "depthwise_separable", "layer3": "grouped"}
+
+
+def _model_and_stacks(width: int = 4):
+    torch.manual_seed(0)
+    model = fx.symbolic_trace(zoo.randomize_batchnorm(zoo.resnet20_cifar(width=width)).eval())
+    stacks = {}
+    for name, conv in model.named_modules():
+        prefix = name.split(".")[0]
+        if isinstance(conv, nn.Conv2d) and prefix in RULES:
+            method = METHODS[RULES[prefix]]
+            rank = max(1, method.full_rank(conv, 1) // 3)
+            stacks[name] = (method.name, factorize(method, conv, rank, 1)[0])
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
+    return model, stacks, batches
+
+
+def _rerun_every_layer(monkeypatch, model, stacks, batches):
+    monkeypatch.setattr(walk, "supports", lambda module, names: "forced: the re-run path")
+    try:
+        return refit.refit_all_(model, stacks, batches, {name: 1 for name in stacks})
+    finally:
+        monkeypatch.undo()
+
+
+def test_one_pass_refit_equals_rerunning_the_networks(monkeypatch):
+    model, stacks, batches = _model_and_stacks()
+    rerun_stacks = copy.deepcopy(stacks)
+    assert walk.supports(model, list(stacks)) is None
+    one_pass = refit.refit_all_(model, stacks, batches, {name: 1 for name in stacks})
+    rerun = _rerun_every_layer(monkeypatch, model, rerun_stacks, batches)
+    assert list(one_pass) == list(stacks)
+    worst_error = max(abs(one_pass[n].error_after - rerun[n].error_after) for n in stacks)
+    assert worst_error < 1e-6, f"refit errors differ by up to {worst_error:.3e}"
+    worst_weight = 0.0
+    for name in stacks:
+        for new, old in zip(stacks[name][1].parameters(), rerun_stacks[name][1].parameters()):
+            worst_weight = max(worst_weight, float((new - old).detach().norm() / old.detach().norm().clamp_min(1e-30)))
+    assert worst_weight < 1e-4, f"refitted weights differ by up to {worst_weight:.3e} (relative)"
+    improved = [n for n in stacks if one_pass[n].error_after < one_pass[n].error_before]
+    assert improved, "no refit lowered its layer's error"
+
+
+def _count_conv_calls(model: nn.Module, stacks) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    modules += [(f"{name}.stack", stack) for name, (_, stack) in stacks.items()]
+    for name, module in modules:
+        module.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+    return counts
+
+
+@pytest.mark.parametrize("width", [4])
+def test_one_pass_runs_every_conv_at_most_twice_per_batch(monkeypatch, width):
+    model, stacks, batches = _model_and_stacks(width)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    counts = _count_conv_calls(model, stacks)
+    refit.refit_all_(model, stacks, batches, {name: 1 for name in stacks})
+    walked = sum(counts.values())
+    # Each original conv once per batch, plus once more for the compressed network after the first
+    # rewrite; each stack once per batch: linear in depth.
+    assert walked <= (2 * convs + len(stacks)) * len(batches), f"one pass ran {walked} conv/stack calls for {convs} convs"
+    counts.clear()
+    _rerun_every_layer(monkeypatch, model, copy.deepcopy(stacks), batches)
+    rerun = sum(v for k, v in counts.items() if not k.endswith(".stack"))
+    assert rerun > 3 * walked, f"re-running ran {rerun} conv calls against the walk's {walked}: the walk should be far fewer"
+
+
+def test_shared_convs_and_untraced_models_take_the_rerun_path():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    shared = Shared()
+    assert "called 2 times" in walk.supports(fx.symbolic_trace(shared), ["conv"])
+    assert "not traced" in walk.supports(shared, ["conv"])
+
+
+def test_inplace_ops_do_not_leak_between_the_networks():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(3, 3, 3, padding=1) for _ in range(3))
+
+        def forward(self, x):
+            skip = torch.relu(x)
+            out = self.b(self.a(skip))
+            skip += out  # writes into a tensor both networks share until `a` is replaced
+            return self.c(skip)
+
+    torch.manual_seed(0)
+    model = fx.symbolic_trace(Residual().eval())
+    replacement = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+    seen = {}
+
+    def visit(name, targets, hidden):
+        seen[name] = (targets[0], hidden[0])
+        return replacement if name == "a" else model.get_submodule(name)
+
+    batch = torch.randn(2, 3, 8, 8)
+    walk.walk_(model, [batch], {"a": visit, "c": visit})
+    swapped = swap_(copy.deepcopy(model), {"a": replacement})
+    with torch.no_grad():
+        original_out, compressed_out = model(batch), swapped(batch)
+    target, hidden = seen["c"]
+    assert torch.allclose(target, original_out), f"original output off by {(target - original_out).abs().max():.3e}"
+    compressed_in = compressed_out  # c is kept, so its output in the compressed network checks its input
+    assert torch.allclose(model.c(hidden), compressed_in), "the compressed network's input to c is off"
