@@ -253,7 +253,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     parser.add_argument("--providers", type=_providers, default=list(DEFAULT_PROVIDERS), metavar="P1,P2", help="execution providers (default CPUExecutionProvider)")
     parser.add_argument("--input-shape", type=_input_shape, metavar="N,C,H,W", help="input shape (default: from the file, batch 1)")
-    parser.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print the records as JSON instead of a table (model_ms, model_p90_ms; with --vs original_*, compressed_*, speedup)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
