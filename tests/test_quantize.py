@@ -35,6 +35,14 @@ def test_static_int8_agrees_with_float_on_its_calibration_data(float_model, tmp_
     checked = verify_int8(float_model, path, [(b, None) for b in calibration], tolerance=1 - AGREEMENT)
     assert checked["agreement_with_float"] >= AGREEMENT, f"static INT8 agreement {checked['agreement_with_float']:.4f}"
     assert checked["passed"] and checked["samples"] == 128, checked
+    # U8S8: activations quantize to uint8 (x86 kernels without VNNI run S8S8 far slower), weights to int8.
+    graph = onnx.load(str(path)).graph
+    zero_points = {init.name: init.data_type for init in graph.initializer}
+    activation_types = {zero_points[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    weight_types = {zero_points[n.input[2]] for n in graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in zero_points and len(n.input) > 2}
+    assert activation_types == {onnx.TensorProto.UINT8}, f"activation zero-point types {activation_types}"
+    assert onnx.TensorProto.INT8 in weight_types, f"weight zero-point types {weight_types}"
 
 
 def test_dynamic_int8_runs(float_model, tmp_path):
