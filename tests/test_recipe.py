@@ -28,7 +28,7 @@ from compressor.recipe import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RULE_KEYS = "match, method, rank, round_to, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
-TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, finetune, export, bench"
+TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, finetune, export, bench, task"
 METHOD_NAMES = ("depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep")
 RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
@@ -1302,3 +1302,42 @@ def test_bench_and_quantize_defaults_and_latency_target():
 )
 def test_bad_bench_and_quantize_settings(override, parts):
     assert_contains(error_of(BASE, (override,)), *parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# task: what the outputs are
+
+
+def test_task_defaults_to_detection_with_unit_weights():
+    task = load_recipe(recipe()).task
+    assert (task.kind, task.ignore_index, task.weights) == ("auto", 255, None), task
+
+
+@pytest.mark.parametrize(
+    "raw, overrides, expected",
+    [
+        (recipe(task="segmentation"), (), ("segmentation", 255, None)),
+        (recipe(task={"kind": "other", "weights": [1, 0.5, 0]}), (), ("other", 255, [1.0, 0.5, 0.0])),
+        (recipe(), ("task.kind=classification", "task.ignore_index=-1"), ("classification", -1, None)),
+        (recipe(), ("task=segmentation",), ("segmentation", 255, None)),
+    ],
+    ids=["shorthand", "weights", "set-keys", "set-shorthand"],
+)
+def test_task_is_set_by_the_recipe_or_overrides(raw, overrides, expected):
+    task = load_recipe(raw, overrides).task
+    assert (task.kind, task.ignore_index, task.weights) == expected, task
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (recipe(task="detection"), "task.kind: Input should be 'auto', 'classification', 'segmentation' or 'other'; got 'detection'"),
+        (recipe(task={"weights": [0, 0]}), "task.weights: expected one weight >= 0 per output, at least one > 0; got [0.0, 0.0]"),
+        (recipe(task={"weights": [1, -1]}), "task.weights.1: Input should be greater than or equal to 0"),
+        (recipe(task={"ignore_index": 2.5}), "task.ignore_index"),
+        (recipe(task={"kind": "other", "heads": 3}), "unknown key 'heads' at task"),
+    ],
+    ids=["kind", "all-zero", "negative", "float-index", "unknown"],
+)
+def test_bad_task_names_the_key(raw, message):
+    assert message in error_of(raw), error_of(raw)
