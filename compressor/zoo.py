@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CIFAR10_MEAN",
+    "resnet32_cifar",
     "CIFAR10_STD",
     "ZOO",
     "default_input_shape",
@@ -354,6 +355,11 @@ def resnet20_cifar(*, num_classes: int = 10, width: int = 16) -> nn.Module:
     Inputs: RGB in [0, 1] normalised with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`, 32x32.
     """
     return CifarResNet((3, 3, 3), num_classes=num_classes, width=width)
+
+
+def resnet32_cifar(*, num_classes: int = 10, width: int = 16) -> nn.Module:
+    """CIFAR-10 ResNet-32 (5 blocks a stage); at the defaults it loads ``resnet32-cifar10.pth``."""
+    return CifarResNet((5, 5, 5), num_classes=num_classes, width=width)
 
 
 # --------------------------------------------------------------------------------------------
