@@ -198,7 +198,30 @@ def render_summary(report: dict, console: Console) -> None:
             f"Latency (ONNX Runtime, {threads}, batch {record['batch']}, median): {record['original_ms']:.2f} ms -> "
             f"{record['compressed_ms']:.2f} ms (x{record['speedup']:.2f}){int8_text}"
         )
+    _render_latency_target(report.get("target"), console)
+    _render_advice(report.get("advice"), console)
     _render_finetune(report.get("finetune"), console)
+
+
+def _render_latency_target(target: dict | None, console: Console) -> None:
+    if not target or target.get("metric") != "latency" or "measured_ratio" not in target:
+        return
+    steps = ", ".join(f"{a['ratio']:.3f}" for a in target["corrections"] if "ratio" in a)
+    verdict = "held" if target["held"] else "NOT held"
+    console.print(
+        f"Latency target {target['fraction']} ({target['measured_threads']} thread(s)): {verdict}, whole model measured "
+        f"at {target['measured_ratio']:.3f} of the original (each plan: {steps})"
+    )
+
+
+def _render_advice(advice: dict | None, console: Console) -> None:
+    if not advice:
+        return
+    where = "all threads" if advice["threads"] == 0 else f"{advice['threads']} thread(s)"
+    console.print(f"Fastest here: {where}" + (f", {advice['format']}" if "format" in advice else ""))
+    if advice["slower_than_original"]:
+        settings = ", ".join("all" if t == 0 else str(t) for t in advice["slower_than_original"])
+        console.print(f"[bold]Warning: the compressed model is slower than the original at {settings} thread(s).[/bold]")
 
 
 def _fraction(value: float | None) -> str:

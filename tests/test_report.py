@@ -67,3 +67,24 @@ def test_a_plan_prints_as_the_dry_run_table():
     assert text.startswith("Plan (fx graph)") and "Plan(traced=" not in text, text[:300]
     assert all(name in text for name in CONV_NAMES), text
     assert "Totals (Conv2d + Linear, per sample)" in text, text
+
+
+def test_summary_says_whether_the_latency_target_held_and_where_the_model_is_slower():
+    from compressor.report import _render_advice, _render_latency_target
+
+    def rendered(target, advice):
+        console = Console(file=io.StringIO(), width=200, color_system=None)
+        _render_latency_target(target, console)
+        _render_advice(advice, console)
+        return console.file.getvalue()
+
+    target = {"metric": "latency", "fraction": 0.5, "measured_threads": 1, "measured_ratio": 0.61, "held": False,
+              "corrections": [{"ratio": 0.66}, {"ratio": 0.61}, {"unreachable": "..."}]}
+    advice = {"threads": 1, "compressed_ms": 3.0, "slower_than_original": [0], "format": "float"}
+    text = rendered(target, advice)
+    assert "NOT held" in text and "0.610 of the original" in text and "0.660, 0.610" in text, text
+    assert "slower than the original at all thread(s)" in text and "Fastest here: 1 thread(s), float" in text, text
+    target.update(held=True, measured_ratio=0.51)
+    advice["slower_than_original"] = []
+    text = rendered(target, advice)
+    assert "held" in text and "NOT held" not in text and "slower" not in text, text
