@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compressor import tree
+from compressor.layers import DecoupledSeparable
 
 
 @dataclass
@@ -66,10 +67,32 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
 
         return hook
 
+    def record_branched(name: str):
+        # layers.DecoupledSeparable runs its convs' weights through F.conv2d (as M branches), so their
+        # own hooks never fire: record them as the chain they are equivalent to, MACs included.
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            depthwise, pointwise = module[0], module[1]
+            input_hw, output_hw = tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:])
+            area = output_hw[0] * output_hw[1]
+            kh, kw = depthwise.kernel_size
+            for child, call, macs in (
+                (f"{name}.0", CallShape(input_hw, output_hw), kh * kw * depthwise.out_channels * area),
+                (f"{name}.1", CallShape(output_hw, output_hw), pointwise.in_channels * pointwise.out_channels * area),
+            ):
+                profile = profiles[child]
+                if profile.first_call is None:
+                    profile.first_call = sum(p.first_call is not None for p in profiles.values())
+                profile.calls.append(call)
+                profile.macs += macs
+
+        return hook
+
     for name, module in tree.named_modules(model):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             profiles[name] = LayerProfile(module)
             handles.append(module.register_forward_hook(record(name)))
+        elif isinstance(module, DecoupledSeparable):
+            handles.append(module.register_forward_hook(record_branched(name)))
     try:
         with torch.no_grad():
             model(example_input)

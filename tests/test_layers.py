@@ -135,3 +135,19 @@ def test_depthwise_separable_is_exact_in_the_branched_form_for_every_multiplier(
         assert type(stack[:-1]) is nn.Sequential and stack[:-1][0] is stack[0], "a slice must be the plain chain"
     full_error = ((stack(x) - conv(x)).norm() / conv(x).norm()).item()
     assert full_error < TOLERANCE, f"full rank M={multiplier}: relative error {full_error:.3e}"
+
+
+def test_profile_counts_the_branched_form_as_the_chain_it_computes():
+    """DecoupledSeparable runs its weights through F.conv2d, so the convs' own hooks never fire; the
+    profile must still count their calls and MACs (report.json's totals came out 0 for them)."""
+    from compressor.profile import CallShape, profile_model, totals
+
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    spec = METHODS["depthwise_separable"]
+    stack, _ = factorize(spec, conv, 3, 1)
+    assert type(stack) is layers.DecoupledSeparable
+    profiles = profile_model(stack, torch.randn(1, 8, 16, 16))
+    expected = spec.macs(conv, [CallShape((16, 16), (8, 8))], 3, 1)
+    got = totals(profiles)["macs"]
+    assert got == expected, f"profiled {got} MACs, the method's cost model says {expected}"
+    assert [len(p.calls) for p in profiles.values()] == [1, 1], {n: p.calls for n, p in profiles.items()}
