@@ -75,9 +75,10 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
             input_hw, output_hw = tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:])
             area = output_hw[0] * output_hw[1]
             kh, kw = depthwise.kernel_size
+            prefix = f"{name}." if name else ""
             for child, call, macs in (
-                (f"{name}.0", CallShape(input_hw, output_hw), kh * kw * depthwise.out_channels * area),
-                (f"{name}.1", CallShape(output_hw, output_hw), pointwise.in_channels * pointwise.out_channels * area),
+                (f"{prefix}0", CallShape(input_hw, output_hw), kh * kw * depthwise.out_channels * area),
+                (f"{prefix}1", CallShape(output_hw, output_hw), pointwise.in_channels * pointwise.out_channels * area),
             ):
                 profile = profiles[child]
                 if profile.first_call is None:
