@@ -450,7 +450,11 @@ def write_markdown(rows: list[dict], args, seconds: float, path: Path) -> None:
             *_rows_markdown(r50, accuracy=False),
             *[f"\nNot run here: `{method}`, because {why}." for method, why in R50_SKIPPED.items() if method in args.methods],
         ]
-    path.write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmarks_md import kept_sections
+
+    kept = kept_sections(path)  # tables other scripts own (benchmark_latency.py); they regenerate them
+    path.write_text("\n".join(lines + ([""] + kept if kept else [])) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main

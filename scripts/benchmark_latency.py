@@ -31,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from compressor import compress, zoo  # noqa: E402
 from compressor.bench import threads_label, time_models  # noqa: E402
@@ -38,6 +39,7 @@ from compressor.errors import CompressorError  # noqa: E402
 from compressor.export import export_onnx  # noqa: E402
 from compressor.quantize import quantize_onnx, verify_int8  # noqa: E402
 from compressor.recipe import apply_overrides, load_recipe  # noqa: E402
+from benchmarks_md import replace_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--thread-study", action="store_true")
     parser.add_argument("--cache", default=None, help="latency cache folder (default: the tool's)")
     parser.add_argument("--out", type=Path, help="write the markdown here too")
+    parser.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md's latency section as it is")
     parser.add_argument("--json", type=Path, help="write all records here")
     args = parser.parse_args()
     begun = time.perf_counter()
@@ -233,6 +236,8 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
+    if not args.no_benchmarks_md:
+        replace_section(ROOT / "BENCHMARKS.md", "latency", ["## Measured speed (scripts/benchmark_latency.py)", "", *lines])
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "latency_targets": latency_rows, "thread_study": study}, indent=2))
 
