@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from compressor import estimate
 from compressor.budget import Candidate, minimum_cost, solve
 from compressor.latency import LATENCY_CANDIDATES
 from compressor.calibrate import LayerStatistics
@@ -29,16 +30,32 @@ from compressor.passes.match import LayerPlan
 from compressor.profile import LayerProfile, totals
 from compressor.ranks import allowed_ranks, resolve_rank
 
-#: Candidate ranks per method and layer: spectra give every rank's error at once, the iterative
-#: decompositions (grouped, cp) cost one run per rank, so they get a coarser grid.
+#: Candidate ranks per method and layer: spectra give every rank's error at once; the iterative
+#: decompositions (grouped, cp) read theirs from cheap estimates (compressor.estimate), one small
+#: eigendecomposition or a few per rank, so they get a somewhat coarser grid.
 SPECTRAL_CANDIDATES = 64
-ITERATIVE_CANDIDATES = 8
+ITERATIVE_CANDIDATES = 32
 
 
 def whitening_for(method: Method, statistics: LayerStatistics | None) -> Whitening | None:
     if statistics is None or method.statistic not in statistics.sums:
         return None
     return statistics.whitening(method.statistic)
+
+
+#: Cheap error estimates over the rank grid (see compressor.estimate) for the methods whose
+#: ``predicted_errors`` would run the full iterative decomposition once per candidate rank.
+_ESTIMATES = {
+    "grouped": estimate.block_term_errors,
+    "cp": lambda weight, ranks, groups: estimate.cp_errors(weight, ranks),
+}
+
+
+def _predicted_errors(method: Method, conv: nn.Conv2d, ranks: list[int], groups: int, whitening) -> list[float]:
+    estimator = _ESTIMATES.get(method.name)
+    if estimator is None or method.spectrum(conv.weight.detach(), groups, whitening) is not None:
+        return method.predicted_errors(conv, ranks, groups, whitening)
+    return estimator(method.whitened_weight(conv.weight, whitening), ranks, groups)
 
 
 def _cost(metric: str, method: Method, conv: nn.Conv2d, profile: LayerProfile, rank: int, groups: int, latency=None) -> float:
@@ -104,7 +121,7 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics, latency
         ranks = _spread(ranks, SPECTRAL_CANDIDATES if spectral else ITERATIVE_CANDIDATES)
         if not ranks:
             continue
-        errors = method.predicted_errors(conv, ranks, plan.groups, whitening)
+        errors = _predicted_errors(method, conv, ranks, plan.groups, whitening)
         for rank, error in zip(ranks, errors):
             cost = costs[rank] if costs else _cost(metric, method, conv, profile, rank, plan.groups)
             found.append(Candidate(cost, error**2, (name, rank, error)))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from compressor import walk
+from compressor import threads, walk
 from compressor.calibrate import Pairs, Refit, fit_last_factor_, paired_calls
 from compressor.joint_refit import patch_statistics, spatial_als_
 from compressor.passes import swap_
@@ -31,7 +31,10 @@ JOINT_METHOD = "spatial_separable"
 def refit_stack_(method: str, conv: nn.Conv2d, stack: nn.Sequential, pairs: Callable[[], Pairs]) -> Refit:
     """Refit ``stack`` (the factorization of ``conv`` by ``method``) in place on ``pairs()``."""
     if method == JOINT_METHOD:
-        return spatial_als_(stack, conv, patch_statistics(conv, pairs()))
+        statistics = patch_statistics(conv, pairs())
+        size = statistics.gram.shape[0]
+        with threads.small_work(conv.out_channels * size * size):  # the ALS is many small solves
+            return spatial_als_(stack, conv, statistics)
     return fit_last_factor_(stack, pairs())
 
 

@@ -48,15 +48,14 @@ factor is mapped back with ``S^(-1/2)``: ``first = first_whitened @ S^(-1/2)``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 import warnings
 
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
 
+from compressor import threads
 from compressor.decompose._checks import check_kernel, check_rank
 from compressor.decompose.whiten import Whitening, whiten_input_mode
 
@@ -128,47 +127,30 @@ def truncated_construction_error(tensor: torch.Tensor, rank: int) -> float:
     keeping the ``rank`` largest leaves the root of the sum of the other squared singular values. It
     is a well-conditioned rank-``rank`` CP (degeneracy ratio 1), hence a floor that a fit must beat.
     """
+    return truncated_construction_errors(tensor, [rank])[0]
+
+
+def truncated_construction_errors(tensor: torch.Tensor, ranks: list[int]) -> list[float]:
+    """:func:`truncated_construction_error` at each of ``ranks``, from one set of slice SVDs."""
     tensor = tensor.detach().to(torch.float64)
     norm = tensor.norm().item()
     if norm == 0:
-        return 0.0
-    best = math.inf
+        return [0.0 for _ in ranks]
+    best = [math.inf for _ in ranks]
     for p, q, f1, f2 in _CONSTRUCTIONS:
         energy = torch.linalg.svdvals(tensor.permute(p, q, f1, f2)).flatten().pow(2).sort(descending=True).values
-        best = min(best, energy[rank:].sum().clamp_min(0).sqrt().item() / norm)
+        # tails[k] = sum of energy[k:], so the error at rank k reads off one reversed cumulative sum.
+        tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+        for index, rank in enumerate(ranks):
+            tail = tails[min(rank, energy.numel())].clamp_min(0).sqrt().item() / norm
+            best[index] = min(best[index], tail)
     return best
-
-
-_SMALL_ALS_WORK = 1 << 25
-"""``numel * rank`` below which ALS runs on one intra-op thread (see :func:`_intra_op_threads`)."""
-
-_THREADS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _intra_op_threads(work: int):
-    """One torch intra-op thread for small ALS problems, restored afterwards.
-
-    A sweep of ALS on a conv kernel is a few dozen small matmuls (a 64x64x3x3 kernel at rank 32:
-    ~5 MFLOP): intra-op threads cost more than they give, and when the cores are busy their
-    spin-waiting made such a fit 10-50x slower (0.4 s single-threaded against 11-25 s with two
-    threads on a loaded 2-core machine). The setting is process-wide, so fits are serialized by a
-    lock while it is changed; large problems keep torch's threads.
-    """
-    with _THREADS_LOCK:
-        previous = torch.get_num_threads()
-        if work < _SMALL_ALS_WORK:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
 
 def _als(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """tensorly ALS from the SVD initialization; mode factors (n_mode, R), float64 on the CPU."""
     with (
-        _intra_op_threads(tensor.numel() * rank),
+        threads.small_work(tensor.numel() * rank),
         warnings.catch_warnings(),
         tl.backend_context("pytorch", local_threadsafe=True),
     ):
