@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from compressor.batches import materialize
 from compressor.data import Dataset
 from compressor import tree
 from compressor.errors import CompressorError, DataError
@@ -67,8 +68,6 @@ class Samples:
 
 
 def _tensors_of(data: Iterable, example_input: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from compressor.pipeline import materialize  # the pipeline imports this module
-
     batches = materialize(data, example_input, 256, None, what)
     labeled = {labels is not None for _, labels in batches}
     if len(labeled) > 1:

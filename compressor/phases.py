@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,3 +32,13 @@ def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
         elapsed = time.perf_counter() - started
         seconds[phase] = seconds.get(phase, 0.0) + elapsed
         log.debug("%s step took %.2fs (%.2fs so far)", phase, elapsed, seconds[phase])
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (report.json ``peak_memory_mib``).
+
+    ``ru_maxrss`` never decreases, so the value read at the end of a run covers every phase;
+    it includes the Python interpreter and torch themselves (a few hundred MiB).
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux

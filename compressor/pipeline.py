@@ -18,6 +18,7 @@ from torch import nn
 
 from compressor import export as onnx_export, tree
 from compressor.allocate import assign_ranks, whitening_for
+from compressor.batches import materialize
 from compressor.calibrate import LayerStatistics, collect_statistics
 from compressor.decompose import CPDegenerateError
 from compressor.errors import CompressorError, ParityError, describe_error
@@ -26,7 +27,7 @@ from compressor.task import Task, task_of
 from compressor.exported import save_exported
 from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
-from compressor.phases import timed
+from compressor.phases import peak_memory_mib, timed
 from compressor.passes.sequential import as_sequential
 from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_functional_convs_, match_computed_convs, match_functional_convs, plan_layers, rewrite_, trace
 from compressor.profile import LayerProfile, profile_model, totals
@@ -132,54 +133,6 @@ def _profile(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerP
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0], None if batch[1] is None else torch.as_tensor(batch[1])
-    raise CompressorError(
-        f"data batches must be input tensors or (inputs, labels) pairs; got {type(batch).__name__}"
-    )
-
-
-def _iter_batches(data, batch_size: int, limit: int | None):
-    if hasattr(data, "batches"):  # compressor.data.Dataset
-        yield from data.batches(batch_size, limit)
-        return
-    taken = 0
-    for batch in data:
-        inputs, labels = _split_batch(batch)
-        if limit is not None:
-            inputs = inputs[: limit - taken]
-            labels = None if labels is None else labels[: inputs.shape[0]]
-        if inputs.shape[0]:
-            yield inputs, labels
-        taken += inputs.shape[0]
-        if limit is not None and taken >= limit:
-            return
-
-
-def materialize(data, example_input: torch.Tensor, batch_size: int, limit: int | None, what: str) -> list[tuple]:
-    """Up to ``limit`` samples of ``data`` as a list of ``(inputs, labels)`` batches, shape-checked.
-
-    A list, because calibration makes several passes and a user's generator can only be read once.
-    """
-    expected = tuple(example_input.shape[1:])
-    batches = []
-    for inputs, labels in _iter_batches(data, batch_size, limit):
-        if inputs.dim() != example_input.dim() or tuple(inputs.shape[1:2]) != expected[:1]:
-            raise CompressorError(
-                f"{what}: batches of shape {tuple(inputs.shape)} do not fit the model input {tuple(example_input.shape)} "
-                f"(expected 4-d batches with {expected[0]} channels)"
-            )
-        if not torch.isfinite(inputs).all():
-            raise CompressorError(f"{what}: a batch contains NaN or infinite values")
-        batches.append((inputs.to(device=example_input.device, dtype=example_input.dtype), labels))
-    if not batches:
-        raise CompressorError(f"{what}: no samples")
-    return batches
 
 
 def _check_finite_weights(model: nn.Module) -> None:
@@ -364,6 +317,7 @@ class Result:
             seconds["total"] = seconds.pop("total", 0.0) + time.perf_counter() - started
             written += write_report_md(self.report, out)
             self.report["files"] = sorted({*written, "report.json"})
+            self.report["peak_memory_mib"] = peak_memory_mib()  # export and verification included
             (out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
         return out
 
@@ -523,6 +477,7 @@ def compress(
             report["metrics"] = evaluate(original, compressed, eval_batches, task)
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = seconds
+    report["peak_memory_mib"] = peak_memory_mib()
     log.info("compressed in %.1fs; Result.save() exports, verifies and benchmarks", seconds["total"])
     return Result(
         compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration,

@@ -1,5 +1,6 @@
 """Whole models through compress(): exact at full rank on both graph paths, ORT parity, edge cases."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -429,7 +430,11 @@ def test_report_times_every_phase_that_ran(tmp_path):
         "export": {"quantize": "dynamic", "int8_tolerance": 1.0},
     }
     result = compressor.compress(model, recipe, x, data=_calibration(batches=3), eval_data=_calibration(batches=1, seed=5))
+    at_compress = result.report["peak_memory_mib"]
     result.save(tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())["peak_memory_mib"]
+    # torch alone holds well over 50 MiB; the peak never falls, so save() reads at least what compress() did.
+    assert 50 < at_compress <= saved, f"peak memory {at_compress} MiB after compress(), {saved} MiB in report.json"
     seconds = result.report["seconds"]
     ran = {"trace", "calibrate", "ranks", "decompose", "refit", "finetune", "evaluate", "export", "verify", "int8", "latency"}
     missing = sorted(phase for phase in ran if not seconds.get(phase, 0) > 0)
