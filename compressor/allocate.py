@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from compressor import estimate
 from compressor.budget import Candidate, minimum_cost, solve
 from compressor.latency import LATENCY_CANDIDATES
 from compressor.calibrate import LayerStatistics
-from compressor.decompose.whiten import Whitening
+from compressor.decompose.whiten import Whitening, whitening
 from compressor.errors import RankError
 from compressor.methods import METHODS, Method, conv_macs, conv_params
 from compressor.passes.match import LayerPlan
 from compressor.profile import LayerProfile, totals
+from compressor.progress import layers as layer_bar
 from compressor.ranks import allowed_ranks, resolve_rank
 
 #: Candidate ranks per method and layer: spectra give every rank's error at once; the iterative
@@ -37,10 +39,17 @@ SPECTRAL_CANDIDATES = 64
 ITERATIVE_CANDIDATES = 32
 
 
-def whitening_for(method: Method, statistics: LayerStatistics | None) -> Whitening | None:
+def whitening_for(method: Method, statistics: LayerStatistics | None, conv_groups: int = 1) -> Whitening | None:
+    """The whitening ``method`` decomposes with; per group (the covariance's diagonal blocks) for a
+    grouped conv, whose groups never see each other's inputs."""
     if statistics is None or method.statistic not in statistics.sums:
         return None
-    return statistics.whitening(method.statistic)
+    if conv_groups == 1:
+        return statistics.whitening(method.statistic)
+    covariance = statistics.covariance(method.statistic)
+    size = covariance.shape[0] // conv_groups
+    blocks = [covariance[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(conv_groups)]
+    return whitening(torch.stack(blocks))
 
 
 #: Cheap error estimates over the rank grid (see compressor.estimate) for the methods whose
@@ -87,7 +96,7 @@ def _set_choice(plan: LayerPlan, method: Method, conv: nn.Conv2d, profile: Layer
 
 def _fixed_rank(plan: LayerPlan, rule, conv, profile, statistics) -> None:
     method = METHODS[plan.method]
-    whitening = whitening_for(method, statistics)
+    whitening = whitening_for(method, statistics, conv.groups)
     rank, note = resolve_rank(
         method, conv, profile.calls, rule.rank, plan.groups, plan.name, round_to=plan.round_to, round_small=plan.round_small, whitening=whitening
     )
@@ -105,7 +114,7 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics, latency
         if name == "keep":
             continue
         method = METHODS[name]
-        whitening = whitening_for(method, statistics)
+        whitening = whitening_for(method, statistics, conv.groups)
         ranks = allowed_ranks(method, conv, plan.groups, plan.round_to, plan.round_small)
         spectral = method.spectrum(conv.weight.detach(), plan.groups, whitening) is not None
         if metric == "latency":  # every rank timed is a session: time a spread, then filter
@@ -164,8 +173,11 @@ def assign_ranks(
     statistics: dict[str, LayerStatistics] | None = None,
     latency=None,
     fraction: float | None = None,
+    progress: bool | None = None,
 ) -> dict | None:
     """Fill in method, rank and costs of every rewriting plan; return the budget record, if any.
+
+    ``progress``: a bar over the solved layers (default: when stderr is a terminal).
 
     ``latency`` (a :class:`compressor.latency.LatencyCost`) is required for ``target: {latency: f}``.
     ``fraction`` replaces the target's own (the latency target's end-to-end correction solves for
@@ -196,10 +208,12 @@ def assign_ranks(
         )
         fixed_after -= sum(getattr(p, f"{metric}_before") for p in solved)
     budget = fraction * total
-    choices = [
-        _candidates(plan, module.get_submodule(plan.name), profiles[plan.name], metric, statistics.get(plan.name), latency)
-        for plan in solved
-    ]
+    choices = []
+    with layer_bar("ranks", len(solved), progress) as bar:
+        for plan in solved:
+            bar.advance(plan.name)
+            conv = module.get_submodule(plan.name)
+            choices.append(_candidates(plan, conv, profiles[plan.name], metric, statistics.get(plan.name), latency))
     reachable = fixed_after + (minimum_cost(choices) if choices else 0)
     if reachable > budget:
         amount = (lambda v: f"{v:.3f} ms") if metric == "latency" else (lambda v: f"{int(v)} {metric}")

@@ -31,6 +31,7 @@ from compressor.phases import peak_memory_mib, timed
 from compressor.passes.sequential import as_sequential
 from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_functional_convs_, match_computed_convs, match_functional_convs, plan_layers, rewrite_, trace
 from compressor.profile import LayerProfile, profile_model, totals
+from compressor.progress import layers as layer_bar
 from compressor.refit import refit_all_
 from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
@@ -155,11 +156,13 @@ def plan(
     example_input: torch.Tensor,
     *,
     data: Iterable | None = None,
+    progress: bool | None = None,
 ) -> Plan:
     """Trace a copy of ``model``, profile it and assign rules, methods and ranks. ``model`` is not modified.
 
     With ``data`` (calibration batches), the input statistics of every candidate layer are
     collected first, and spectral ranks (energy, vbmf) and the budget's errors are data-aware.
+    ``progress``: a bar per layer-by-layer phase (default: when stderr is a terminal).
     """
     recipe = load_recipe(recipe)
     _check_finite_weights(model)
@@ -201,7 +204,7 @@ def plan(
             latency = latency_cost_for(traced.module, example_input, recipe, recipe.export.opset)
             target = hold_latency_target(layers, traced.module, profiles, recipe, statistics, latency, example_input)
         else:
-            target = assign_ranks(layers, traced.module, profiles, recipe, statistics)
+            target = assign_ranks(layers, traced.module, profiles, recipe, statistics, progress=progress)
     result = Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
     for caveat in plan_caveats(result.report(), recipe):
         log.warning(caveat)
@@ -350,7 +353,7 @@ def _factorize_layer(plan_: Plan, layer: LayerPlan, conv: nn.Conv2d) -> nn.Seque
     statistics = plan_.statistics.get(layer.name)
     try:
         stack, layer.weight_rel_error = factorize(
-            method, conv, layer.rank, layer.groups, whitening_for(method, statistics)
+            method, conv, layer.rank, layer.groups, whitening_for(method, statistics, conv.groups)
         )
         return stack
     except CPDegenerateError as err:
@@ -371,28 +374,31 @@ def _factorize_layer(plan_: Plan, layer: LayerPlan, conv: nn.Conv2d) -> nn.Seque
         return stack
 
 
-def _factorize_all(plan_: Plan) -> dict[str, nn.Sequential]:
+def _factorize_all(plan_: Plan, progress: bool | None = None) -> dict[str, nn.Sequential]:
     """Factorize every rewriting layer; with calibration data, refit the stacks in execution order
     against the original layers, each fed by the network compressed so far (:mod:`compressor.refit`)."""
     module = plan_.traced.module
     rewriting = [layer for layer in plan_.layers if layer.rewrites]
     rewriting.sort(key=lambda layer: plan_.profiles[layer.name].first_call)
     replacements: dict[str, nn.Sequential] = {}
-    for layer in rewriting:
-        with timed(plan_.seconds, "decompose"):
-            stack = _factorize_layer(plan_, layer, tree.get_submodule(module, layer.name))
-        if stack is None:
-            continue
-        layer.init = plan_.init
-        replacements[layer.name] = stack
+    with layer_bar("decompose", len(rewriting), progress) as bar:
+        for layer in rewriting:
+            bar.advance(layer.name)
+            with timed(plan_.seconds, "decompose"):
+                stack = _factorize_layer(plan_, layer, tree.get_submodule(module, layer.name))
+            if stack is None:
+                continue
+            layer.init = plan_.init
+            replacements[layer.name] = stack
     if plan_.calibration:
         by_name = {layer.name: layer for layer in rewriting}
-        with timed(plan_.seconds, "refit"):
+        with timed(plan_.seconds, "refit"), layer_bar("refit", len(replacements), progress) as bar:
             refits = refit_all_(
                 module,
                 {name: (by_name[name].method, stack) for name, stack in replacements.items()},
                 plan_.calibration,
                 {name: len(plan_.profiles[name].calls) for name in replacements},
+                started=bar.advance,
             )
         for name, refit in refits.items():
             by_name[name].output_rel_error = refit.error_after
@@ -437,9 +443,9 @@ def compress(
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = tree.set_training_(copy.deepcopy(model), False) if any(m.training for m in tree.modules(model)) else model
     task = task_of(original, example_input, recipe.task)
-    layer_plan = plan(original, recipe, example_input, data=data)
+    layer_plan = plan(original, recipe, example_input, data=data, progress=progress)
     seconds = layer_plan.seconds
-    replacements = _factorize_all(layer_plan)
+    replacements = _factorize_all(layer_plan, progress)
     compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
     compressed = as_sequential(original, compressed, replacements)  # result.model[0] works as on the input
     finetuned = None

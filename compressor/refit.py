@@ -43,16 +43,19 @@ def refit_all_(
     stacks: dict[str, tuple[str, nn.Sequential]],
     calibration: Sequence[torch.Tensor],
     calls: dict[str, int],
+    started: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Refit]:
     """Refit every ``stacks[name] = (method, stack)`` in place, in the dict's order (execution order).
 
     ``module`` holds the original convs under the names of ``stacks`` and is not changed;
-    ``calls[name]`` is how often the model calls that conv (the re-run fallback needs it).
+    ``calls[name]`` is how often the model calls that conv (the re-run fallback needs it);
+    ``started(name)`` is told as each layer's refit begins (a progress bar).
     """
     refits: dict[str, Refit] = {}
     if walk.supports(module, list(stacks)) is None:
 
         def visit(name: str, targets: list[torch.Tensor], hidden: list[torch.Tensor]) -> nn.Module:
+            started(name)
             method, stack = stacks[name]
             pairs = lambda: zip(targets, hidden, (batch.shape[0] for batch in targets))  # noqa: E731
             refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
@@ -65,6 +68,7 @@ def refit_all_(
         return refits
     working = copy.deepcopy(module)
     for name, (method, stack) in stacks.items():
+        started(name)
         pairs = lambda: paired_calls(module, working, name, calls[name], lambda: iter(calibration))  # noqa: E731
         refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
         swap_(working, {name: stack})
