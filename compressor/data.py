@@ -71,7 +71,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 _FORMATS = (
-    "a .npz file with an array x (N, C, H, W) and optional integer labels y (N,), "
+    "a .npz file with an array x (N, C, H, W) and optional integer labels y (N,) or masks (N, H, W), "
     "a folder of images (PATH/<class>/<image>, or images directly in PATH for unlabeled data), "
     "or MODULE:FUNCTION returning an iterable of (N, C, H, W) tensors or (inputs, labels) pairs"
 )
@@ -321,10 +321,10 @@ class _Stream:
             raise DataError(
                 f"{self.spec}: the labels of {where} have dtype {y.dtype}; expected integer class indices"
             )
-        if tuple(y.shape) != (x.shape[0],):
+        if y.dim() not in (1, 3) or y.shape[0] != x.shape[0]:  # (N, H, W): segmentation masks
             raise DataError(
                 f"{self.spec}: the labels of {where} have shape {_fmt_shape(y.shape)}; "
-                f"expected ({x.shape[0]},), one integer label per input"
+                f"expected ({x.shape[0]},), one integer label per input, or ({x.shape[0]}, H, W) class masks"
             )
         return x, y.to(torch.int64)
 
@@ -604,10 +604,11 @@ def _load_npz(source: str, shape: tuple[int, int, int], mean: np.ndarray, std: n
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{source}: array y has dtype {y.dtype}; expected integer class labels")
-        if y.shape != (x.shape[0],):
+        # (N, H, W): segmentation masks; their H, W are checked against the model's output when used.
+        if y.ndim not in (1, 3) or y.shape[0] != x.shape[0]:
             raise DataError(
                 f"{source}: array y has shape {_fmt_shape(y.shape)}; expected ({x.shape[0]},), "
-                "one integer label per sample of x"
+                f"one integer label per sample of x, or ({x.shape[0]}, H, W) segmentation masks"
             )
     return Dataset(source, "npz", shape, y is not None, None, _Arrays(x, y, mean, std))
 

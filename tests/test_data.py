@@ -68,6 +68,18 @@ def _one_line_error(excinfo, *words: str) -> str:
 # npz
 
 
+def test_npz_segmentation_masks_load_as_labels(tmp_path):
+    # y (N, H, W): one class per pixel, 255 where unlabelled; shuffled views keep masks with their images.
+    masks = np.random.default_rng(0).integers(0, 4, size=(10, 8, 8)).astype(np.uint8)
+    masks[:, 0] = 255
+    data = load_data(_npz(tmp_path, x=_floats(), y=masks), input_shape=SHAPE)
+    assert data.labeled, data
+    _, inputs, labels = _all(data.shuffled(3), batch_size=4)
+    assert labels.dtype == torch.int64 and tuple(labels.shape) == (10, 8, 8), (labels.dtype, labels.shape)
+    order = [int(np.flatnonzero((_floats() == row.numpy()).all(axis=(1, 2, 3)))[0]) for row in inputs]
+    assert labels.tolist() == masks[order].astype(np.int64).tolist()
+
+
 @pytest.mark.parametrize(
     "x, with_y",
     [
