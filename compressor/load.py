@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor import tree
 from compressor.errors import ModelLoadError, describe_error
 from compressor.exported import is_exported_program, load_exported
 
@@ -170,7 +171,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise ModelLoadError(f"{path} holds a whole {type(obj).__name__}; --arch is only for state_dict files")
-        return obj.eval()
+        return tree.set_training_(obj, False)  # not obj.eval(): a model may shadow children(), which eval() calls
     state_dict = _as_state_dict(obj)
     if state_dict is None:
         raise ModelLoadError(f"{path} holds a {type(obj).__name__}, neither an nn.Module nor a state_dict")
@@ -178,4 +179,4 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_model:
         raise ModelLoadError(
             f"{path} holds a state_dict ({len(state_dict)} tensors); pass --arch MODULE:CALLABLE to build its architecture"
         )
-    return _load_state_dict(build_architecture(arch), state_dict, path, arch).eval()
+    return tree.set_training_(_load_state_dict(build_architecture(arch), state_dict, path, arch), False)

@@ -263,3 +263,14 @@ def test_build_architecture_errors(spec, needles):
 def test_load_model_reports_arch_errors(model_files):
     assert_contains(load_error(model_files["state_dict"], arch="tests.models_for_cli"), "MODULE:CALLABLE")
     assert_contains(load_error(model_files["state_dict"], arch="tests.models_for_cli:raises"), "factory exploded")
+
+
+def test_a_whole_model_shadowing_children_loads_in_eval_mode(tmp_path):
+    # eval() runs self.children(), which this model replaced by a plain list.
+    from compressor import tree, zoo
+
+    model = tree.set_training_(zoo.shadowed_unet(num_classes=3, width=4), True)
+    torch.save(model, tmp_path / "shadowed.pt")
+    loaded = load_model(tmp_path / "shadowed.pt", trust_model=True)
+    training = [name for name, module in tree.named_modules(loaded) if module.training]
+    assert isinstance(loaded.children, list) and not training, f"still training: {training[:5]}"
