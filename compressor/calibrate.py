@@ -204,6 +204,41 @@ def refit_last_factor_(
     return fit_last_factor_(stack, paired_calls(original, working, name, calls, batches), ridge)
 
 
+def _dense_weights(last: nn.Conv2d) -> torch.Tensor:
+    """``last``'s weight as one (out, groups * in/groups * kh * kw) matrix: block diagonal when grouped."""
+    weight = last.weight.detach().to(torch.float64).cpu().reshape(last.out_channels, -1)
+    if last.groups == 1:
+        return weight
+    rows, columns = last.out_channels // last.groups, weight.shape[1]
+    return torch.block_diag(*(weight[g * rows:(g + 1) * rows] for g in range(last.groups))).reshape(
+        last.out_channels, last.groups * columns
+    )
+
+
+def _grouped_weights(dense: torch.Tensor, last: nn.Conv2d) -> torch.Tensor:
+    """The inverse of :func:`_dense_weights`: the diagonal blocks, in ``last.weight``'s shape."""
+    rows, columns = last.out_channels // last.groups, dense.shape[1] // last.groups
+    blocks = [dense[g * rows:(g + 1) * rows, g * columns:(g + 1) * columns] for g in range(last.groups)]
+    return torch.cat(blocks).reshape(last.weight.shape)
+
+
+def _solve_blocks(gram: torch.Tensor, cross: torch.Tensor, groups: int, with_bias: bool, ridge: float) -> torch.Tensor:
+    """Ridge least squares for ``[W | b]``; with groups, each output group regresses on its own input
+    group (and the constant) only, so the solution keeps the grouped conv's block structure."""
+    outputs, size = cross.shape
+    features = size - int(with_bias)
+    solved = torch.zeros_like(cross)
+    rows, columns = outputs // groups, features // groups
+    for g in range(groups):
+        index = list(range(g * columns, (g + 1) * columns)) + ([features] if with_bias else [])
+        block = gram[index][:, index]
+        scale = float(torch.diagonal(block).mean().clamp_min(1e-300))
+        eye = torch.eye(len(index), dtype=torch.float64)
+        part = torch.linalg.solve(block + ridge * scale * eye, cross[g * rows:(g + 1) * rows, index].T).T
+        solved[g * rows:(g + 1) * rows, index] = part
+    return solved
+
+
 def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) -> Refit:
     """The least squares of :func:`refit_last_factor_` on ``pairs``, wherever they come from
     (re-run networks, or :mod:`compressor.walk`'s one pass). ``stack[:-1]`` runs as a module, so
@@ -211,7 +246,7 @@ def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) ->
     head, last = stack[:-1], stack[-1]
     extractor = _last_factor_patches(last)
     with_bias = last.bias is not None
-    size = last.weight[0].numel() + int(with_bias)
+    size = last.weight[0].numel() * last.groups + int(with_bias)
     gram = torch.zeros(size, size, dtype=torch.float64)
     cross = torch.zeros(last.out_channels, size, dtype=torch.float64)
     energy, samples = 0.0, 0
@@ -226,22 +261,20 @@ def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) ->
             gram += (patches @ patches.T).cpu()
             cross += (wanted @ patches.T).cpu()
             energy += float((wanted**2).sum())
-    current = last.weight.detach().reshape(last.out_channels, -1).to(torch.float64).cpu()
+    current = _dense_weights(last)
     if with_bias:
         current = torch.cat([current, last.bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
 
     def squared_error(weights: torch.Tensor) -> float:
         return energy - 2 * float((weights * cross).sum()) + float(((weights @ gram) * weights).sum())
 
-    scale = float(torch.diagonal(gram).mean().clamp_min(1e-300))
-    solved = torch.linalg.solve(gram + ridge * scale * torch.eye(size, dtype=torch.float64), cross.T).T
+    solved = _solve_blocks(gram, cross, last.groups, with_bias, ridge)
     before, after = squared_error(current), squared_error(solved)
     if not torch.isfinite(solved).all() or after >= before:
         after, solved = before, current
     else:
         with torch.no_grad():
-            weight = solved[:, : last.weight[0].numel()].reshape(last.weight.shape)
-            last.weight.copy_(weight.to(last.weight.dtype))
+            last.weight.copy_(_grouped_weights(solved[:, : solved.shape[1] - int(with_bias)], last).to(last.weight.dtype))
             if with_bias:
                 last.bias.copy_(solved[:, -1].to(last.bias.dtype))
     denominator = max(energy, 1e-300)

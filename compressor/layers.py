@@ -119,10 +119,12 @@ def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwis
 
 
 def build_low_rank(conv: nn.Conv2d, first: torch.Tensor, last: torch.Tensor) -> nn.Sequential:
-    """kxk conv to R channels (stride, padding, dilation of the original), then 1x1 to out (bias)."""
+    """kxk conv to R channels (stride, padding, dilation of the original), then 1x1 to out (bias);
+    both with the original's groups."""
+    groups = conv.groups
     return nn.Sequential(
-        _make_conv(conv, first, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation),
-        _make_conv(conv, last, bias=_original_bias(conv)),
+        _make_conv(conv, first, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation, groups=groups),
+        _make_conv(conv, last, bias=_original_bias(conv), groups=groups),
     )
 
 

@@ -187,17 +187,33 @@ class SpatialSeparable(Method):
 
 
 class LowRank(Method):
-    """Zhang et al. 2016 channel decomposition: kxk conv in -> R, then 1x1 R -> out (both dense)."""
+    """Zhang et al. 2016 channel decomposition: kxk conv in -> R, then 1x1 R -> out (both dense).
+
+    Grouped convs keep their groups in both factors; the rank counts per group (the intermediate
+    width is ``groups x rank``). Depthwise convs (one input channel per group) are left alone.
+    """
 
     name = "low_rank"
     statistic = "patches"
 
+    def skip_reason(self, conv):
+        if type(conv) is nn.Conv2d and conv.groups > 1:
+            if conv.in_channels == conv.groups:
+                return f"depthwise conv (groups={conv.groups}); nothing to factorize across channels"
+            plain = nn.Conv2d(1, 1, 1, padding=conv.padding if isinstance(conv.padding, str) else 0,
+                              padding_mode=conv.padding_mode)
+            return layers.unsupported_reason(plain)
+        return super().skip_reason(conv)
+
+    def channels_per_rank(self, conv):
+        return conv.groups
+
     def full_rank(self, conv, groups):
-        return low_rank_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size)
+        return low_rank_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size, conv.groups)
 
     def macs(self, conv, calls, rank, groups):
         kh, kw = conv.kernel_size
-        per_position = rank * (conv.in_channels * kh * kw + conv.out_channels)
+        per_position = rank * (conv.in_channels * kh * kw + conv.out_channels)  # per group, summed over groups
         return sum(per_position * _area(call.output_hw) for call in calls)
 
     def params(self, conv, rank, groups):
@@ -208,16 +224,19 @@ class LowRank(Method):
         weight = weight.detach().to(torch.float64)
         if whitening is None:
             return weight
-        return (weight.reshape(weight.shape[0], -1) @ whitening.root).reshape(weight.shape)
+        groups = whitening.root.shape[0] if whitening.root.dim() == 3 else 1
+        flat = weight.reshape(groups, weight.shape[0] // groups, -1) @ whitening.root
+        return flat.reshape(weight.shape)
 
+    # ``groups`` is the conv's own: the match step sets a grouped conv's plan groups to its conv's.
     def decompose(self, weight, rank, groups, whitening=None):
-        return decompose.low_rank(weight, rank, whitening=whitening)
+        return decompose.low_rank(weight, rank, groups=groups, whitening=whitening)
 
     def spectrum(self, weight, groups, whitening):
-        return low_rank_spectrum(weight, whitening)
+        return low_rank_spectrum(weight, whitening, groups)
 
     def reconstruct(self, conv, factors, groups):
-        return decompose.low_rank_reconstruct(*factors)
+        return decompose.low_rank_reconstruct(*factors, conv.groups)
 
     def build(self, conv, factors, groups):
         return layers.build_low_rank(conv, *factors)

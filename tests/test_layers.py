@@ -151,3 +151,49 @@ def test_profile_counts_the_branched_form_as_the_chain_it_computes():
     got = totals(profiles)["macs"]
     assert got == expected, f"profiled {got} MACs, the method's cost model says {expected}"
     assert [len(p.calls) for p in profiles.values()] == [1, 1], {n: p.calls for n, p in profiles.items()}
+
+
+def _grouped_cases():
+    for groups, kernel, stride, padding, dilation, bias in itertools.product(
+        [2, 4], [(3, 3), (1, 1), (3, 1)], [1, (2, 1)], [1, "same"], DILATIONS, [True]
+    ):
+        if padding == "same" and stride != 1:
+            continue
+        yield pytest.param(groups, kernel, stride, padding, dilation, bias,
+                           id=f"g{groups}-k{kernel[0]}x{kernel[1]}-s{stride}-p{padding}-d{dilation}-{'bias' if bias else 'nobias'}")
+
+
+@pytest.mark.parametrize("groups, kernel, stride, padding, dilation, bias", list(_grouped_cases()))
+def test_low_rank_factorizes_a_grouped_conv_per_group_exactly_at_full_rank(groups, kernel, stride, padding, dilation, bias):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 12, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    spec = METHODS["low_rank"]
+    assert spec.skip_reason(conv) is None, spec.skip_reason(conv)
+    rank = spec.full_rank(conv, groups)
+    stack, weight_error = factorize(spec, conv, rank, groups)
+    assert [m.groups for m in stack] == [groups, groups], f"factor groups {[m.groups for m in stack]}"
+    x = torch.randn(2, 8, 15, 13)
+    with torch.no_grad():
+        error = ((stack(x) - conv(x)).norm() / conv(x).norm()).item()
+    assert error < TOLERANCE and weight_error < 1e-6, f"per-group rank {rank}: output error {error:.3e}, weight {weight_error:.3e}"
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_low_rank_error_falls_with_rank(groups):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    spec = METHODS["low_rank"]
+    x = torch.randn(2, 16, 12, 12)
+    errors = []
+    for rank in range(1, spec.full_rank(conv, groups) + 1):
+        stack, _ = factorize(spec, conv, rank, groups)
+        with torch.no_grad():
+            errors.append(((stack(x) - conv(x)).norm() / conv(x).norm()).item())
+    rounded = [round(e, 5) for e in errors]
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), f"not monotone: {rounded}"
+    assert errors[0] > 0.05 and errors[-1] < TOLERANCE, f"expected lossy low rank, exact full rank: {rounded}"
+
+
+def test_depthwise_convs_stay_skipped_by_low_rank():
+    reason = METHODS["low_rank"].skip_reason(nn.Conv2d(8, 8, 3, groups=8))
+    assert reason is not None and "depthwise" in reason, reason

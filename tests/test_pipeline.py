@@ -445,3 +445,42 @@ def test_report_times_every_phase_that_ran(tmp_path):
     plain.save(tmp_path / "plain")
     skipped = sorted(set(plain.report["seconds"]) & {"calibrate", "refit", "finetune", "int8", "latency"})
     assert not skipped, f"a run without data, quantization or benchmark still timed {skipped}: {plain.report['seconds']}"
+
+
+class _ResNeXtBlock(nn.Module):
+    """A ResNeXt bottleneck (1x1, grouped 3x3 with 8 channels a group, 1x1) and a grouped stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.reduce = nn.Conv2d(32, 32, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.expand = nn.Conv2d(32, 64, 1, groups=2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.reduce(x)))
+        x = torch.relu(self.bn2(self.grouped(x)))
+        return self.head(self.expand(x).mean((2, 3)))
+
+
+def test_grouped_convs_factorize_per_group_through_the_pipeline():
+    model = zoo.randomize_batchnorm(_ResNeXtBlock()).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    full = compressor.compress(model, {"rules": [{"match": "*", "method": "low_rank", "rank": "full"}]}, x)
+    by_name = {layer["name"]: layer for layer in full.report["layers"]}
+    assert by_name["grouped"]["method"] == "low_rank" and by_name["expand"]["method"] == "low_rank", by_name["grouped"]
+    assert [m.groups for m in full.model.get_submodule("grouped")] == [4, 4]
+    assert full.report["output_rel_error"] < EXACT, full.report["output_rel_error"]
+    data = [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    held_out = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(9))]
+    recipe = {"rules": [{"match": ["grouped", "expand"], "method": "low_rank", "rank": {"macs": 0.5}}], "calibration": {"samples": 32}}
+    plain = compressor.compress(model, recipe, x, eval_data=held_out).report
+    aware = compressor.compress(model, recipe, x, data=data, eval_data=held_out).report
+    refits = {layer["name"]: layer["output_rel_error"] for layer in aware["layers"] if layer["method"] == "low_rank"}
+    assert set(refits) == {"grouped", "expand"} and all(e is not None for e in refits.values()), refits
+    got, before = aware["metrics"]["output_rel_error"], plain["metrics"]["output_rel_error"]
+    assert got < before, f"grouped low_rank held-out output error: data-aware {got:.4f}, weights-only {before:.4f}"

@@ -180,7 +180,8 @@ def _plan_conv(name: str, conv: nn.Conv2d, profile: LayerProfile, rule, index: i
         plan.rule = index
         return plan
     plan = _conv_entry(name, conv, profile, method=usable[0])
-    plan.rule, plan.groups = index, rule.groups
+    # A grouped conv is factorized per group (only low_rank takes one): its groups are the plan's.
+    plan.rule, plan.groups = index, conv.groups if conv.groups > 1 else rule.groups
     plan.round_to, plan.round_small = (nchwc_block(), True) if rule.round_to == "auto" else (rule.round_to, False)
     if solved:
         plan.choices = tuple(usable) + (("keep",) if "keep" in rule.methods else ())
