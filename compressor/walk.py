@@ -16,11 +16,13 @@ visited conv swapped for its replacement would compute: same modules, same order
 
 Memory: an activation is freed after its last user has run, so what is held is the live
 activations of both networks (one copy while they agree) for the whole calibration set, plus what
-the callback keeps. For a CIFAR ResNet at 512 images that is tens of MB; the largest live set of an
-ImageNet ResNet-50 at 224x224 (a 256x56x56 block input and its branch, in both networks) is about
-2.5 GB per 512 images in float32. The calibration set is not chunked: a layer's refit needs all of
-it before the walk may go on, so chunking would not lower the peak; size ``calibration.samples``
-to fit.
+the callback keeps (the visited conv's outputs and inputs). For a CIFAR ResNet at 512 images that
+is tens of MB. For an ImageNet ResNet-50 at 224x224 it is several GB per 512 images in float32: a
+layer1 block input (256x56x56, 1.6 GB) held in each network while the branch runs, plus the
+branch's activations (0.4 GB each), by estimate, not measured here. The re-run path needed one
+batch at a time instead. The calibration set is not chunked and activations stay in the model's
+dtype: a layer's refit needs all of the set before the walk may go on, so chunking would not lower
+the peak; lower ``calibration.samples`` where it does not fit.
 
 What the walk cannot serve, :func:`supports` says (and the caller falls back to re-running the
 networks per layer): a model FX could not trace, a visited conv called more than once (its refit
