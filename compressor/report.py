@@ -167,6 +167,9 @@ def render_summary(report: dict, console: Console) -> None:
     _print_layers(report, f"Layers ({report['graph']} graph)", console, "report.md has every column")
     _render_totals(report["totals"], console)
     console.print(f"PyTorch output, compressed vs original: relative error {report['output_rel_error']:.3e}")
+    task = report.get("task")
+    if task:
+        console.print(f"Task: {task['kind']} ({task['source']}), {len(task['outputs'])} output(s)")
     onnx = report.get("onnx")
     if onnx:
         verdict = "PASS" if onnx["passed"] else "FAIL"

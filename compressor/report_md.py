@@ -267,7 +267,10 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
             f"| parameters | {format_count(totals['params_before'])} | {format_count(totals['params_after'])} | {totals['params_ratio']:.3f} |",
         ]
     if "output_rel_error" in report:
-        lines += ["", f"PyTorch output, compressed vs original, on a random batch: relative error {report['output_rel_error']:.3e}."]
+        lines += ["", f"PyTorch output, compressed vs original, on a random batch: relative error {report['output_rel_error']:.3e} (the worst output)."]
+    task = report.get("task")
+    if task:
+        lines.append(f"Outputs: {len(task['outputs'])}, task {task['kind']} ({task['source']}; see `task:` in the recipe).")
     onnx = report.get("onnx")
     if onnx:
         lines.append(
