@@ -301,7 +301,8 @@ class _HeldOut:
         tree.set_training_(student, was_training)
         if world > 1:
             for tensor in tally.tensors():
-                dist.all_reduce(tensor)
+                if tensor.numel():  # the confusion matrices are empty unless the task is segmentation
+                    dist.all_reduce(tensor)
         return tally.result()
 
 
