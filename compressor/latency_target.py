@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor import bench
+from compressor import bench, tree
 from compressor.allocate import assign_ranks
 from compressor.errors import RankError
 from compressor.export import export_onnx
@@ -38,7 +38,7 @@ def planned_structure(module: nn.Module, plans: Sequence[LayerPlan]) -> nn.Modul
         if plan.rewrites:
             method, conv = METHODS[plan.method], module.get_submodule(plan.name)
             replacements[plan.name] = method.build(conv, random_factors(method, conv, plan.rank, plan.groups), plan.groups)
-    return rewrite_(copy.deepcopy(module), replacements).eval()
+    return tree.set_training_(rewrite_(copy.deepcopy(module), replacements), False)
 
 
 def measure_ratio(original: nn.Module, candidate: nn.Module, example_input: torch.Tensor, recipe, threads: int) -> dict:
@@ -57,6 +57,13 @@ def measure_ratio(original: nn.Module, candidate: nn.Module, example_input: torc
     return {"original_ms": original_ms, "compressed_ms": compressed_ms, "ratio": compressed_ms / original_ms}
 
 
+def _closeness(attempt: dict, wanted: float) -> tuple[bool, float]:
+    """Sort key: attempts that hold the target first, then the one nearest to it (a plan faster than
+    asked costs accuracy, one slower breaks the promise; both count by relative distance)."""
+    off = abs(attempt["ratio"] - wanted) / wanted
+    return (off > TOLERANCE, off)
+
+
 def hold_latency_target(
     plans: Sequence[LayerPlan],
     module: nn.Module,
@@ -67,29 +74,43 @@ def hold_latency_target(
     example_input: torch.Tensor,
 ) -> dict:
     """:func:`~compressor.allocate.assign_ranks` under a latency target, corrected by end-to-end
-    measurement; the budget record gains ``measured_ratio``, ``held`` and ``corrections``."""
+    measurement; the budget record gains ``measured_ratio``, ``held`` and ``corrections``.
+
+    A correction multiplies the fraction solved for by ``(f / m)``, limited to a factor of 2 either
+    way so that one disturbed measurement cannot throw the plan far off; the plan kept is the
+    measured attempt nearest the target (re-solved, which the cached layer timings make cheap).
+    """
     wanted = recipe.target.fraction
     threads = latency.table.threads
-    solve_for, attempts, record = wanted, [], None
+    solve_for, attempts, records = wanted, [], {}
     for _ in range(MAX_CORRECTIONS + 1):
         try:
             record = assign_ranks(plans, module, profiles, recipe, statistics, latency, fraction=solve_for)
         except RankError as err:
-            if record is None:
+            if not records:
                 raise
             attempts.append({"solved_for": solve_for, "unreachable": str(err)})
-            break  # the previous plan (still in place: a refused solve changes nothing) stands
+            break
         measured = measure_ratio(module, planned_structure(module, plans), example_input, recipe, threads)
         attempts.append({"solved_for": solve_for, "planned_ratio": record["planned_ratio"], **measured})
+        records[solve_for] = record
         if abs(measured["ratio"] - wanted) <= TOLERANCE * wanted:
             break
-        solve_for = min(1.0, solve_for * wanted / measured["ratio"])
-    final = next(a for a in reversed(attempts) if "ratio" in a)  # a refused solve leaves this plan in place
+        step = min(2.0, max(0.5, wanted / measured["ratio"]))
+        solve_for = min(1.0, solve_for * step)
+        if solve_for in records:
+            break  # the correction came back to a plan already measured
+    best = min((a for a in attempts if "ratio" in a), key=lambda a: _closeness(a, wanted))
+    last_solved = next(a for a in reversed(attempts) if "ratio" in a)
+    if best is not last_solved:
+        assign_ranks(plans, module, profiles, recipe, statistics, latency, fraction=best["solved_for"])
+    record = records[best["solved_for"]]
+    best["kept"] = True
     record.update(
         fraction=wanted,
-        measured_ratio=final["ratio"],
+        measured_ratio=best["ratio"],
         measured_threads=threads,
-        held=abs(final["ratio"] - wanted) <= TOLERANCE * wanted,
+        held=abs(best["ratio"] - wanted) <= TOLERANCE * wanted,
         corrections=attempts,
     )
     return record
