@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import layers
+from compressor import layers, tree
 from compressor.decompose.whiten import Whitening, whitening
 
 Batches = Callable[[], Iterable[torch.Tensor]]
@@ -77,7 +77,7 @@ def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _to_model(batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    parameter = next(model.parameters(), None)
+    parameter = tree.first_parameter(model)
     if parameter is None:
         return batch
     return batch.to(device=parameter.device, dtype=parameter.dtype)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from compressor import threads, walk
+from compressor import threads, tree, walk
 from compressor.calibrate import Pairs, Refit, fit_last_factor_, paired_calls
 from compressor.joint_refit import patch_statistics, spatial_als_
 from compressor.passes import swap_
@@ -61,7 +61,7 @@ def refit_all_(
             refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
             return stack
 
-        parameter = next(module.parameters(), None)
+        parameter = tree.first_parameter(module)
         if parameter is not None:  # as the re-run path does: batches in the model's dtype and device
             calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
         walk.walk_(module, calibration, {name: visit for name in stacks})
