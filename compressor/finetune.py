@@ -544,7 +544,7 @@ def finetune(
                     if capture is not None:
                         capture.active = False
                     if labels is not None and task.logits:
-                        labels = check_labels(task, labels.to(device), output[0], "fine-tuning data")
+                        labels = check_labels(task, labels.to(device), output[0], "fine-tuning data", training=True)
                     else:
                         labels = None  # outputs without classes have no labels to learn from
                     loss = output_loss(output, reference, labels, task, settings.temperature, settings.alpha)

@@ -109,9 +109,13 @@ def resolve_task(settings, outputs: list[torch.Tensor]) -> Task:
     )
 
 
-def check_labels(task: Task, labels: torch.Tensor, first: torch.Tensor, what: str) -> torch.Tensor:
+def check_labels(task: Task, labels: torch.Tensor, first: torch.Tensor, what: str, *, training: bool = False) -> torch.Tensor:
     """``labels`` as int64 class indices fitting the first output: (N,) for classification, (N, H, W)
-    for segmentation (``task.ignore_index`` marks positions without a label)."""
+    for segmentation (``task.ignore_index`` marks positions without a label).
+
+    Class indices outside the model's classes are refused where they would break the computation
+    (segmentation's confusion matrices, any cross-entropy: ``training``); a classification
+    evaluation just counts them as wrong, as a top-1 accuracy does."""
     expected = (first.shape[0],) if task.kind == "classification" else (first.shape[0], *first.shape[2:])
     if tuple(labels.shape) != expected:
         per = "sample" if task.kind == "classification" else "position of the output"
@@ -120,6 +124,8 @@ def check_labels(task: Task, labels: torch.Tensor, first: torch.Tensor, what: st
             f"(expected {expected}, one class index per {per})"
         )
     labels = labels.to(torch.int64)
+    if task.kind == "classification" and not training:
+        return labels
     valid = labels[labels != task.ignore_index] if task.kind == "segmentation" else labels
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= first.shape[1]):
         bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())

@@ -11,7 +11,7 @@ from compressor.evaluate import evaluate, mean_iou
 from compressor.export import relative_error
 from compressor.finetune import output_loss
 from compressor.recipe import TaskConfig
-from compressor.task import detect_kind, resolve_task
+from compressor.task import check_labels, detect_kind, resolve_task
 
 
 def _fixed(outputs):
@@ -130,3 +130,12 @@ def test_loss_is_kl_on_logits_plus_weighted_normalized_mse_on_the_rest():
     assert float(output_loss([logits, extra], [logits, extra], ignored, task, 4.0, 0.7)) == pytest.approx(0.0, abs=1e-6)
     labelled = float(output_loss([logits, extra], [logits, extra], ignored.clamp(max=2), task, 4.0, 0.7))
     assert labelled > 0.01, labelled
+
+
+def test_classification_labels_outside_the_classes_count_as_wrong_but_break_training():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    metrics = evaluate(_fixed([logits]), _fixed([logits]), [(torch.zeros(2, 3), torch.tensor([0, 13]))])
+    assert (metrics["accuracy_original"], metrics["accuracy_compressed"]) == (0.5, 0.5), metrics
+    task = resolve_task(None, [logits])
+    with pytest.raises(DataError, match="label 13 is outside the model's classes 0..1"):
+        check_labels(task, torch.tensor([0, 13]), logits, "fine-tuning data", training=True)
