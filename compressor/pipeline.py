@@ -442,8 +442,8 @@ def compress(
         data, holdout = split_holdout(data, tuning.holdout, tuning.seed, example_input)
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = tree.set_training_(copy.deepcopy(model), False) if any(m.training for m in tree.modules(model)) else model
+    layer_plan = plan(original, recipe, example_input, data=data, progress=progress)  # first: it names a failing forward's layer
     task = task_of(original, example_input, recipe.task)
-    layer_plan = plan(original, recipe, example_input, data=data, progress=progress)
     seconds = layer_plan.seconds
     replacements = _factorize_all(layer_plan, progress)
     compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
