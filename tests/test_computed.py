@@ -101,3 +101,16 @@ def test_folded_convs_are_rewritten_with_the_same_outputs_at_full_rank(method, t
     assert error < EXACT, f"{method}: relative output error {error:.3e}"
     result.export_onnx(tmp_path / "c.onnx", original_path=tmp_path / "o.onnx")
     assert result.report["onnx"]["passed"], result.report["onnx"]
+
+
+class PlainSubclass(nn.Conv2d):
+    """A Conv2d subclass that computes nothing: FX traces into it, folding keeps its name."""
+
+
+def test_hook_based_weight_norm_and_plain_subclasses_fold_too():
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):
+        normed = torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3))
+    found = {item.name: item for item in match_computed_convs(nn.Sequential(PlainSubclass(3, 4, 3), normed))}
+    assert found["0"].kind == "an nn.Conv2d subclass (PlainSubclass)" and found["0"].rel_error == 0.0, found["0"]
+    assert "forward pre-hook" in found["1"].kind and found["1"].rel_error < 1e-5, found["1"]

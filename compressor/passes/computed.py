@@ -76,8 +76,11 @@ def _describe(module: nn.Module) -> str:
     if parametrize.is_parametrized(module):
         kinds = sorted({type(p).__name__ for plist in module.parametrizations.values() for p in plist})
         return f"parametrized ({', '.join(kinds)})"
-    if type(module) is nn.Conv2d:
+    if type(module) is nn.Conv2d or module._forward_pre_hooks:
         return "weight computed by a forward pre-hook (e.g. torch.nn.utils.weight_norm)"
+    if type(module).forward is nn.Conv2d.forward:
+        # FX would trace into a subclass of its own; as a plain conv it keeps its name for recipe patterns.
+        return f"an nn.Conv2d subclass ({type(module).__name__})"
     return f"weight computed in {type(module).__name__}.forward"
 
 
