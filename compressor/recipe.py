@@ -38,7 +38,8 @@ A recipe is a YAML mapping validated by the pydantic models below::
       opset: 17                       # int >= 17 (default 17)
       tolerance: 1.0e-4               # float > 0 (default 1e-4), relative Frobenius error ORT vs torch
       quantize: none                  # none | dynamic | static (QDQ, per-channel, calibrated on --data)
-      int8_tolerance: 0.05            # max fraction of top-1 disagreement INT8 vs float compressed
+      int8_tolerance: 0.05            # max fraction of top-1 disagreement INT8 vs float compressed (relative
+                                      # output error for outputs without classes)
     bench:                            # optional: ONNX Runtime latency, original vs compressed
       threads: [1, 0]                 # intra-op threads per measurement (0 = all cores); [] skips
       runs: 50                        # timed runs per model and setting (0 skips), after warmup: 5

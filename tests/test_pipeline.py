@@ -134,13 +134,16 @@ def test_edge_case_skips_are_explained():
     assert [(layer["name"], layer["method"], layer["kernel"]) for layer in lifted] == [("conv2d", "spatial_separable", [3, 3])], lifted
 
 
-def test_shared_conv_is_rewritten_once_and_stays_shared():
+@pytest.mark.parametrize("method, called", [("low_rank", "conv_shared.0"), ("depthwise_separable", "conv_shared")])
+def test_shared_conv_is_rewritten_once_and_stays_shared(method, called):
+    """A plain chain is inlined at both call sites; a branched depthwise stack (multiplier above 1)
+    is called whole, twice."""
     model, x = _build("edge_cases")
-    result = compressor.compress(model, _lossless("depthwise_separable", 1), x)
+    result = compressor.compress(model, _lossless(method, 1), x)
     layer = _layers_by_name(result)["conv_shared"]
     assert layer["calls"] == 2, layer
-    first_factor_calls = [n for n in result.model.graph.nodes if n.op == "call_module" and n.target == "conv_shared.0"]
-    assert len(first_factor_calls) == 2, f"conv_shared.0 called {len(first_factor_calls)} times"
+    calls = [n for n in result.model.graph.nodes if n.op == "call_module" and n.target == called]
+    assert len(calls) == 2, f"{called} called {len(calls)} times"
     assert layer["macs_before"] == 2 * (16 * 16 * 9) * (16 * 16), layer  # two calls, 16x16 maps
 
 

@@ -92,3 +92,28 @@ def test_disagreement_beyond_the_tolerance_fails_loudly_after_writing_the_report
     assert caught.value.exit_code == 1
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["int8"]["passed"] is False and (tmp_path / "report.md").is_file()
+
+
+def test_int8_of_a_model_without_classes_is_judged_by_its_relative_error(tmp_path):
+    """A detector's outputs have no top-1 to agree on: the check bounds their error instead of
+    failing on a missing agreement."""
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.box, self.score = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(8, 1, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.box(h), self.score(h)
+
+    torch.manual_seed(0)
+    path = export_onnx(TwoHeads().eval(), torch.randn(INPUT_SHAPE), tmp_path / "heads.onnx")
+    calibration = _batches(2, size=8)
+    int8 = quantize_onnx(path, tmp_path / "heads.int8.onnx", "static", calibration)
+    checked = verify_int8(path, int8, [(b, None) for b in calibration], tolerance=0.2)
+    assert checked["agreement_with_float"] is None, checked
+    assert 0 < checked["output_rel_error_vs_float"] < 0.2 and checked["passed"], checked
+    strict = verify_int8(path, int8, [(b, None) for b in calibration], tolerance=1e-6)
+    assert not strict["passed"], strict
