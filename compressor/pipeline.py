@@ -41,6 +41,7 @@ from compressor.report_md import FILES as REPORT_MD_FILES, write_report_md
 from compressor.bench import latency_step
 from compressor.latency import latency_cost_for
 from compressor.latency_target import hold_latency_target
+from compressor.layers import portable as layers_portable
 from compressor.quantize import INT8_FILE, int8_step
 
 #: Written beside OUTPUT_FILES when the input model was a torch.export archive.
@@ -286,7 +287,7 @@ class Result:
         seconds = self.report.setdefault("seconds", {})
         try:
             with timed(seconds, "export"):
-                torch.save(self.model, out / "compressed.pt")
+                torch.save(layers_portable(self.model), out / "compressed.pt")  # loads with torch alone
         except Exception as err:  # pickling runs arbitrary __reduce__ code of user modules
             raise CompressorError(
                 f"cannot pickle the compressed model to {out / 'compressed.pt'}: {describe_error(err)}"

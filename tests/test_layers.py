@@ -197,3 +197,22 @@ def test_grouped_low_rank_error_falls_with_rank(groups):
 def test_depthwise_convs_stay_skipped_by_low_rank():
     reason = METHODS["low_rank"].skip_reason(nn.Conv2d(8, 8, 3, groups=8))
     assert reason is not None and "depthwise" in reason, reason
+
+
+def test_portable_copy_unpickles_without_this_package_and_computes_the_same(tmp_path):
+    import subprocess
+    import sys
+
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    stack, _ = factorize(METHODS["depthwise_separable"], conv, 3, 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), stack).eval()
+    copy = layers.portable(model)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        error = (copy(x) - model(x)).abs().max().item()
+    assert error < 1e-6 and type(model[1]) is layers.DecoupledSeparable, f"max|diff| {error:.3e}"
+    torch.save(copy, tmp_path / "model.pt")
+    script = ("import sys, torch; torch.load('model.pt', weights_only=False); "
+              "print(sorted(m for m in sys.modules if m.startswith('compressor')))")
+    fresh = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "[]", fresh.stdout + fresh.stderr
