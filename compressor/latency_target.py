@@ -82,7 +82,7 @@ def hold_latency_target(
     """
     wanted = recipe.target.fraction
     threads = latency.table.threads
-    solve_for, attempts, records = wanted, [], {}
+    solve_for, attempts, records, seen = wanted, [], {}, {}
     for _ in range(MAX_CORRECTIONS + 1):
         try:
             record = assign_ranks(plans, module, profiles, recipe, statistics, latency, fraction=solve_for)
@@ -91,15 +91,20 @@ def hold_latency_target(
                 raise
             attempts.append({"solved_for": solve_for, "unreachable": str(err)})
             break
+        signature = tuple((plan.name, plan.method, plan.rank) for plan in plans)
+        if signature in seen:
+            # The plans on either side of the target are both measured: no fraction in between
+            # gives another plan, so the nearer of them is the answer.
+            attempts.append({"solved_for": solve_for, "same_plan_as": seen[signature]})
+            break
         measured = measure_ratio(module, planned_structure(module, plans), example_input, recipe, threads)
+        seen[signature] = solve_for
         attempts.append({"solved_for": solve_for, "planned_ratio": record["planned_ratio"], **measured})
         records[solve_for] = record
         if abs(measured["ratio"] - wanted) <= TOLERANCE * wanted:
             break
         step = min(2.0, max(0.5, wanted / measured["ratio"]))
         solve_for = min(1.0, solve_for * step)
-        if solve_for in records:
-            break  # the correction came back to a plan already measured
     best = min((a for a in attempts if "ratio" in a), key=lambda a: _closeness(a, wanted))
     last_solved = next(a for a in reversed(attempts) if "ratio" in a)
     if best is not last_solved:
