@@ -44,7 +44,9 @@ def check_providers(providers: Sequence[str]) -> list[str]:
     return list(providers)
 
 
-def session(path: str | Path | bytes, *, threads: int = 1, providers: Sequence[str] = DEFAULT_PROVIDERS) -> ort.InferenceSession:
+def session(
+    path: str | Path | bytes, *, threads: int = 1, providers: Sequence[str] = DEFAULT_PROVIDERS, spinning: bool = True
+) -> ort.InferenceSession:
     """A session as deployment would create it: all graph optimizations, ``threads`` intra-op threads
     (0: onnxruntime's default, one per physical core), one inter-op thread (CNNs are one chain)."""
     options = ort.SessionOptions()
@@ -52,6 +54,8 @@ def session(path: str | Path | bytes, *, threads: int = 1, providers: Sequence[s
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spinning:  # worker threads sleep between ops instead of busy-waiting (ORT's default is to spin)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=list(providers))
     except Exception as err:

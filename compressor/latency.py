@@ -43,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from compressor import bench
+from compressor.export import export_onnx
 from compressor.methods import Method
 from compressor.profile import CallShape
 
@@ -81,6 +82,11 @@ def _pads(conv: nn.Conv2d) -> list[int]:
         return [*begin, *(t - b for t, b in zip(totals, begin))]
     ph, pw = conv.padding
     return [ph, pw, ph, pw]
+
+
+def random_stack(method: Method, conv: nn.Conv2d, rank: int, groups: int) -> nn.Module:
+    """``method``'s stack for ``conv`` at ``rank`` with random factors: what timing needs, no decomposition."""
+    return method.build(conv, random_factors(method, conv, rank, groups), groups)
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict:
@@ -131,18 +137,10 @@ def _plain_chain(stack: nn.Module | None) -> bool:
 
 
 def _exported(stack: nn.Module, input_shape: Sequence[int], opset: int = 17) -> bytes:
-    """A stack with a forward of its own (``layers.DecoupledSeparable``), as torch.onnx writes it."""
-    import contextlib
-    import io
-    import warnings
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-        example = torch.randn(tuple(input_shape), dtype=next(stack.parameters()).dtype)
-        torch.onnx.export(stack.eval(), (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"], do_constant_folding=True)
-    return buffer.getvalue()
+    """A stack with a forward of its own (``layers.DecoupledSeparable``), as the tool exports models."""
+    example = torch.randn(tuple(input_shape), dtype=next(stack.parameters()).dtype)
+    with tempfile.TemporaryDirectory(prefix="compressor-layer-") as folder:
+        return export_onnx(stack, example, Path(folder) / "stack.onnx", opset).read_bytes()
 
 
 class LatencyTable:
@@ -232,7 +230,7 @@ class LatencyTable:
         return self._calls_ms([conv], conv, calls, batch, {"method": "keep"})
 
     def candidate_ms(self, method: Method, conv: nn.Conv2d, calls: Sequence[CallShape], batch: int, rank: int, groups: int) -> float:
-        stack = method.build(conv, random_factors(method, conv, rank, groups), groups)
+        stack = random_stack(method, conv, rank, groups)
         return self._calls_ms(stack, conv, calls, batch, {"method": method.name, "rank": rank, "groups": groups})
 
     def summary(self) -> dict:
@@ -268,8 +266,6 @@ def latency_cost_for(module: nn.Module, example_input: torch.Tensor, recipe, ops
     The thread count is the recipe's first ``bench.threads`` entry (1 when the list is empty): one
     setting, since a plan can only be optimal for one.
     """
-    from compressor.export import export_onnx
-
     settings = recipe.bench
     threads = settings.threads[0] if settings.threads else 1
     table = LatencyTable(settings.cache, threads=threads, providers=settings.providers, runs=settings.layer_runs)

@@ -23,7 +23,7 @@ from compressor import bench, tree
 from compressor.allocate import assign_ranks
 from compressor.errors import RankError
 from compressor.export import export_onnx
-from compressor.latency import LatencyCost, random_factors
+from compressor.latency import LatencyCost, random_stack
 from compressor.methods import METHODS
 from compressor.passes import LayerPlan, rewrite_
 
@@ -33,26 +33,25 @@ MAX_CORRECTIONS = 4
 
 def planned_structure(module: nn.Module, plans: Sequence[LayerPlan]) -> nn.Module:
     """A copy of ``module`` with every planned rewrite in place, random factors of the planned shapes."""
-    replacements = {}
-    for plan in plans:
-        if plan.rewrites:
-            method, conv = METHODS[plan.method], module.get_submodule(plan.name)
-            replacements[plan.name] = method.build(conv, random_factors(method, conv, plan.rank, plan.groups), plan.groups)
+    replacements = {
+        plan.name: random_stack(METHODS[plan.method], module.get_submodule(plan.name), plan.rank, plan.groups)
+        for plan in plans if plan.rewrites
+    }
     return tree.set_training_(rewrite_(copy.deepcopy(module), replacements), False)
 
 
-def measure_ratio(original: nn.Module, candidate: nn.Module, example_input: torch.Tensor, recipe, threads: int) -> dict:
-    """Both models exported and timed alternately: their medians and the ratio."""
+def measure_ratio(original: Path, candidate: nn.Module, example_input: torch.Tensor, recipe, threads: int) -> dict:
+    """``candidate`` exported beside the ``original`` ONNX file and both timed alternately: their
+    medians and the ratio."""
     settings = recipe.bench
-    with tempfile.TemporaryDirectory(prefix="compressor-latency-") as folder:
-        paths = {
-            "original": export_onnx(original, example_input, Path(folder) / "original.onnx", recipe.export.opset),
-            "compressed": export_onnx(candidate, example_input, Path(folder) / "compressed.onnx", recipe.export.opset),
-        }
-        timed = bench.time_models(
-            paths, tuple(example_input.shape), threads=threads, runs=max(settings.runs, settings.layer_runs),
-            warmup=settings.warmup, providers=settings.providers,
-        )
+    paths = {
+        "original": original,
+        "compressed": export_onnx(candidate, example_input, original.with_name("candidate.onnx"), recipe.export.opset),
+    }
+    timed = bench.time_models(
+        paths, tuple(example_input.shape), threads=threads, runs=max(settings.runs, settings.layer_runs),
+        warmup=settings.warmup, providers=settings.providers,
+    )
     original_ms, compressed_ms = timed["original"]["median_ms"], timed["compressed"]["median_ms"]
     return {"original_ms": original_ms, "compressed_ms": compressed_ms, "ratio": compressed_ms / original_ms}
 
@@ -83,28 +82,30 @@ def hold_latency_target(
     wanted = recipe.target.fraction
     threads = latency.table.threads
     solve_for, attempts, records, seen = wanted, [], {}, {}
-    for _ in range(MAX_CORRECTIONS + 1):
-        try:
-            record = assign_ranks(plans, module, profiles, recipe, statistics, latency, fraction=solve_for)
-        except RankError as err:
-            if not records:
-                raise
-            attempts.append({"solved_for": solve_for, "unreachable": str(err)})
-            break
-        signature = tuple((plan.name, plan.method, plan.rank) for plan in plans)
-        if signature in seen:
-            # The plans on either side of the target are both measured: no fraction in between
-            # gives another plan, so the nearer of them is the answer.
-            attempts.append({"solved_for": solve_for, "same_plan_as": seen[signature]})
-            break
-        measured = measure_ratio(module, planned_structure(module, plans), example_input, recipe, threads)
-        seen[signature] = solve_for
-        attempts.append({"solved_for": solve_for, "planned_ratio": record["planned_ratio"], **measured})
-        records[solve_for] = record
-        if abs(measured["ratio"] - wanted) <= TOLERANCE * wanted:
-            break
-        step = min(2.0, max(0.5, wanted / measured["ratio"]))
-        solve_for = min(1.0, solve_for * step)
+    with tempfile.TemporaryDirectory(prefix="compressor-latency-") as folder:
+        original = export_onnx(module, example_input, Path(folder) / "original.onnx", recipe.export.opset)
+        for _ in range(MAX_CORRECTIONS + 1):
+            try:
+                record = assign_ranks(plans, module, profiles, recipe, statistics, latency, fraction=solve_for)
+            except RankError as err:
+                if not records:
+                    raise
+                attempts.append({"solved_for": solve_for, "unreachable": str(err)})
+                break
+            signature = tuple((plan.name, plan.method, plan.rank) for plan in plans)
+            if signature in seen:
+                # The plans on either side of the target are both measured: no fraction in between
+                # gives another plan, so the nearer of them is the answer.
+                attempts.append({"solved_for": solve_for, "same_plan_as": seen[signature]})
+                break
+            measured = measure_ratio(original, planned_structure(module, plans), example_input, recipe, threads)
+            seen[signature] = solve_for
+            attempts.append({"solved_for": solve_for, "planned_ratio": record["planned_ratio"], **measured})
+            records[solve_for] = record
+            if abs(measured["ratio"] - wanted) <= TOLERANCE * wanted:
+                break
+            step = min(2.0, max(0.5, wanted / measured["ratio"]))
+            solve_for = min(1.0, solve_for * step)
     best = min((a for a in attempts if "ratio" in a), key=lambda a: _closeness(a, wanted))
     last_solved = next(a for a in reversed(attempts) if "ratio" in a)
     if best is not last_solved:

@@ -20,11 +20,14 @@ from torch import nn
 _Pair = tuple[int, int]
 
 
-def unsupported_reason(conv: nn.Conv2d) -> str | None:
-    """Why a conv cannot be factorized exactly by any method, or ``None``."""
+def unsupported_reason(conv: nn.Conv2d, *, grouped: bool = False) -> str | None:
+    """Why a conv cannot be factorized exactly, or ``None``; ``grouped``: for a method that keeps a
+    grouped conv's groups (depthwise convs are still refused)."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} subclasses nn.Conv2d; its forward may differ from a plain conv"
-    if conv.groups != 1:
+    if grouped and conv.groups == conv.in_channels and conv.groups > 1:
+        return f"depthwise conv (groups={conv.groups}); nothing to factorize across channels"
+    if conv.groups != 1 and not grouped:
         kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
         return f"{kind} conv (groups={conv.groups}); only dense convs (groups=1) are factorized"
     if conv.padding_mode != "zeros":

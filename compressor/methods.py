@@ -17,7 +17,7 @@ from compressor import decompose, layers
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.cp import cp_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank, depthwise_separable_spectrum
-from compressor.decompose.low_rank import low_rank_full_rank, low_rank_spectrum
+from compressor.decompose.low_rank import low_rank_full_rank, low_rank_spectrum, whitened_groups
 from compressor.decompose.spatial import spatial_separable_full_rank, spatial_separable_spectrum
 from compressor.decompose.whiten import Whitening, whiten_input_mode
 from compressor.profile import CallShape
@@ -197,13 +197,7 @@ class LowRank(Method):
     statistic = "patches"
 
     def skip_reason(self, conv):
-        if type(conv) is nn.Conv2d and conv.groups > 1:
-            if conv.in_channels == conv.groups:
-                return f"depthwise conv (groups={conv.groups}); nothing to factorize across channels"
-            plain = nn.Conv2d(1, 1, 1, padding=conv.padding if isinstance(conv.padding, str) else 0,
-                              padding_mode=conv.padding_mode)
-            return layers.unsupported_reason(plain)
-        return super().skip_reason(conv)
+        return layers.unsupported_reason(conv, grouped=True)
 
     def channels_per_rank(self, conv):
         return conv.groups
@@ -224,9 +218,8 @@ class LowRank(Method):
         weight = weight.detach().to(torch.float64)
         if whitening is None:
             return weight
-        groups = whitening.root.shape[0] if whitening.root.dim() == 3 else 1
-        flat = weight.reshape(groups, weight.shape[0] // groups, -1) @ whitening.root
-        return flat.reshape(weight.shape)
+        groups = whitening.root.shape[0] if whitening.root.dim() == 3 else 1  # batched per group
+        return whitened_groups(weight, groups, whitening).reshape(weight.shape)
 
     # ``groups`` is the conv's own: the match step sets a grouped conv's plan groups to its conv's.
     def decompose(self, weight, rank, groups, whitening=None):

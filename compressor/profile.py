@@ -52,11 +52,16 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
     profiles: dict[str, LayerProfile] = {}
     handles = []
 
+    def seen(name: str) -> LayerProfile:
+        """The profile of ``name``, its position in the forward fixed at its first call."""
+        profile = profiles[name]
+        if profile.first_call is None:
+            profile.first_call = sum(p.first_call is not None for p in profiles.values())
+        return profile
+
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            profile = profiles[name]
-            if profile.first_call is None:
-                profile.first_call = sum(p.first_call is not None for p in profiles.values())
+            profile = seen(name)
             if isinstance(module, nn.Conv2d):
                 profile.calls.append(
                     CallShape(tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))  # type: ignore[arg-type]
@@ -80,9 +85,7 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
                 (f"{prefix}0", CallShape(input_hw, output_hw), kh * kw * depthwise.out_channels * area),
                 (f"{prefix}1", CallShape(output_hw, output_hw), pointwise.in_channels * pointwise.out_channels * area),
             ):
-                profile = profiles[child]
-                if profile.first_call is None:
-                    profile.first_call = sum(p.first_call is not None for p in profiles.values())
+                profile = seen(child)
                 profile.calls.append(call)
                 profile.macs += macs
 

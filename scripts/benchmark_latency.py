@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from compressor import compress, zoo  # noqa: E402
-from compressor.bench import threads_label, time_models  # noqa: E402
+from compressor.bench import session, threads_label, time_models  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.export import export_onnx  # noqa: E402
 from compressor.quantize import quantize_onnx, verify_int8  # noqa: E402
@@ -94,17 +94,9 @@ def time_pair(paths: dict, shape, threads: int, runs: int) -> dict:
 
 def thread_study(paths: dict, shape, runs: int) -> list[dict]:
     """Each original at 1 and 2 intra-op threads, ORT's spin-waiting on and off, alternating."""
-    import onnxruntime as ort
-
     rows = []
     for name, path in paths.items():
-        sessions = {}
-        for threads, spin in ((1, "1"), (2, "1"), (2, "0")):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-            options.log_severity_level = 3
-            sessions[(threads, spin)] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions = {(threads, spin): session(path, threads=threads, spinning=spin) for threads, spin in ((1, True), (2, True), (2, False))}
         feed = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
         times = {key: [] for key in sessions}
         for sess in sessions.values():
@@ -115,9 +107,9 @@ def thread_study(paths: dict, shape, runs: int) -> list[dict]:
                 begun = time.perf_counter()
                 sess.run(None, feed)
                 times[key].append((time.perf_counter() - begun) * 1e3)
-        base = float(np.median(times[(1, "1")]))
+        base = float(np.median(times[(1, True)]))
         for (threads, spin), values in times.items():
-            rows.append({"model": name, "threads": threads, "spinning": spin == "1", "ms": float(np.median(values)),
+            rows.append({"model": name, "threads": threads, "spinning": spin, "ms": float(np.median(values)),
                          "vs_1_thread": base / float(np.median(values))})
             print(json.dumps(rows[-1]), flush=True)
     return rows

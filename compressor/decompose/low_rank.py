@@ -27,7 +27,7 @@ def low_rank_full_rank(out_channels: int, in_channels: int, kh: int, kw: int, gr
     return min(out_channels // groups, in_channels // groups * kh * kw)
 
 
-def _flattened(weight: torch.Tensor, groups: int, whitening: Whitening | None) -> torch.Tensor:
+def whitened_groups(weight: torch.Tensor, groups: int, whitening: Whitening | None) -> torch.Tensor:
     """(groups, out/groups, in/groups*kh*kw): each group's kernel as a matrix, whitened per group."""
     out_channels, in_per_group, kh, kw = weight.shape
     size = in_per_group * kh * kw
@@ -43,7 +43,7 @@ def low_rank_spectrum(weight: torch.Tensor, whitening: Whitening | None = None, 
     """Singular values of the (whitened) ``out x (in*kh*kw)`` kernel, float64; ``(groups, k)`` for a
     grouped conv (keeping rank ``r`` keeps ``r`` of each group's)."""
     check_kernel(weight)
-    values = torch.linalg.svdvals(_flattened(weight, groups, whitening))
+    values = torch.linalg.svdvals(whitened_groups(weight, groups, whitening))
     return values[0] if groups == 1 else values
 
 
@@ -60,7 +60,7 @@ def low_rank(
     check_kernel(weight)
     out_channels, in_per_group, kh, kw = weight.shape
     check_rank(rank, low_rank_full_rank(out_channels, in_per_group * groups, kh, kw, groups), "rank")
-    u, s, vh = torch.linalg.svd(_flattened(weight, groups, whitening), full_matrices=False)
+    u, s, vh = torch.linalg.svd(whitened_groups(weight, groups, whitening), full_matrices=False)
     root = s[:, :rank].sqrt()
     rows = root.unsqueeze(-1) * vh[:, :rank]
     if whitening is not None:
