@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from compressor.decompose.low_rank import whitened_groups
 from compressor.decompose.rank import energy_rank, evbmf_rank, guarded_rank, round_rank
 from compressor.decompose.whiten import Whitening
 from compressor.errors import RankError
@@ -93,9 +94,12 @@ def _energy(method: Method, conv: nn.Conv2d, fraction: float, groups: int, white
 
 
 def _vbmf(method: Method, conv: nn.Conv2d, groups: int, whitening: Whitening | None) -> int:
-    spectrum = method.spectrum(conv.weight.detach(), groups, whitening)
-    if spectrum is not None and spectrum.dim() == 2:
+    if method.statistic == "patches":
+        # low_rank: its rank is exactly that of each group's (whitened) out x (in*kh*kw) kernel matrix.
+        return max(evbmf_rank(matrix) for matrix in whitened_groups(conv.weight, groups, whitening))
+    if method.statistic == "channel_patches":
         # Depthwise: the slices of all channels stacked share one (kh*kw)-dimensional filter space.
+        # (A grouped low_rank spectrum is 2-d too, but its groups have filter spaces of their own.)
         weight = conv.weight.detach().to(torch.float64)
         out_channels, in_channels, kh, kw = weight.shape
         slices = weight.permute(1, 0, 2, 3).reshape(in_channels, out_channels, kh * kw)

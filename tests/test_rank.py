@@ -294,3 +294,22 @@ def test_auto_rounding_keeps_ranks_below_one_block(method_name, groups, round_sm
     conv = nn.Conv2d(16, 24, 3)
     got = allowed_ranks(METHODS[method_name], conv, groups, 8, round_small)
     assert got == expected, f"{method_name} groups={groups} round_small={round_small}: {got}"
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vbmf_finds_a_planted_rank_of_each_group_for_low_rank(groups):
+    """low_rank's rank is the rank of each group's out x (in*kh*kw) kernel; VBMF must read that
+    matrix (the depthwise per-channel slices gave rank 1 on a grouped conv)."""
+    from torch import nn
+
+    from compressor.methods import METHODS
+    from compressor.ranks import resolve_rank
+
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16 * groups, 24 * groups, 3, groups=groups, bias=False)
+    blocks = [torch.randn(24, 3, generator=generator) @ torch.randn(3, 16 * 9, generator=generator) for _ in range(groups)]
+    planted = torch.cat(blocks) + 1e-3 * torch.randn(24 * groups, 16 * 9, generator=generator)
+    with torch.no_grad():
+        conv.weight.copy_(planted.reshape(conv.weight.shape))
+    rank, note = resolve_rank(METHODS["low_rank"], conv, [], "vbmf", groups, "layer")
+    assert rank == 3, f"groups={groups}: vbmf rank {rank} ({note}), planted 3 per group"
