@@ -135,7 +135,7 @@ def _normalization(
     return values[0], values[1]
 
 
-def _scale_uint8(batch: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+def scale_uint8(batch: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """``(batch / 255 - mean) / std`` per channel, for a ``(n, C, H, W)`` uint8 array, as float32."""
     out = torch.from_numpy(np.ascontiguousarray(batch)).to(torch.float32).div_(255.0)
     out.sub_(torch.from_numpy(mean).view(1, -1, 1, 1)).div_(torch.from_numpy(std).view(1, -1, 1, 1))
@@ -170,7 +170,7 @@ class _Arrays:
     def read(self, rows: np.ndarray) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch = self.x[rows]  # fancy indexing copies: batches never alias the dataset
         if batch.dtype == np.uint8:
-            inputs = _scale_uint8(batch, self.mean, self.std)
+            inputs = scale_uint8(batch, self.mean, self.std)
         else:
             inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         labels = None if self.y is None else torch.from_numpy(self.y[rows].astype(np.int64))
@@ -219,7 +219,7 @@ class _Images:
     def read(self, rows: np.ndarray) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch = np.stack([self._decode(self.files[int(i)]) for i in rows])
         labels = None if self.labels is None else torch.from_numpy(self.labels[rows])
-        return _scale_uint8(batch, self.mean, self.std), labels
+        return scale_uint8(batch, self.mean, self.std), labels
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ MIXED = ["spatial_separable", "depthwise_separable", "grouped", "keep"]
 
 
 def _normalized(images: np.ndarray) -> torch.Tensor:
-    mean = torch.tensor(zoo.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(zoo.CIFAR10_STD).view(1, 3, 1, 1)
-    return (torch.from_numpy(images).float() / 255 - mean) / std
+    from compressor import zoo
+    from compressor.data import scale_uint8
+
+    return scale_uint8(images, np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32))
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int = 250) -> list:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from compressor import compress, zoo  # noqa: E402
 from compressor.bench import session, threads_label, time_models  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
+from compressor.data import scale_uint8  # noqa: E402
 from compressor.export import export_onnx  # noqa: E402
 from compressor.quantize import quantize_onnx, verify_int8  # noqa: E402
 from compressor.recipe import apply_overrides, load_recipe  # noqa: E402
@@ -48,9 +49,8 @@ def _cifar_batches(count: int) -> list[torch.Tensor] | None:
     data = DATA / "cifar10-train-jpeg-20000.npz"
     if not data.is_file():
         return None
-    x = torch.from_numpy(np.load(data)["x"][:count]).float() / 255
-    x = (x - torch.tensor(zoo.CIFAR10_MEAN)[:, None, None]) / torch.tensor(zoo.CIFAR10_STD)[:, None, None]
-    return list(x.split(64))
+    mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
+    return list(scale_uint8(np.load(data)["x"][:count], mean, std).split(64))
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str, list[torch.Tensor]]:

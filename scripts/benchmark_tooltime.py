@@ -49,10 +49,9 @@ def _model(name: str, data_dir: Path):
 
 def _normalized(x: np.ndarray) -> torch.Tensor:
     from compressor import zoo
+    from compressor.data import scale_uint8
 
-    mean = torch.tensor(zoo.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(zoo.CIFAR10_STD).view(1, 3, 1, 1)
-    return (torch.from_numpy(x).float() / 255 - mean) / std
+    return scale_uint8(x, np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32))
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int = 64) -> list:
