@@ -62,7 +62,8 @@ _ESTIMATES = {
 
 def _predicted_errors(method: Method, conv: nn.Conv2d, ranks: list[int], groups: int, whitening) -> list[float]:
     estimator = _ESTIMATES.get(method.name)
-    if estimator is None or method.spectrum(conv.weight.detach(), groups, whitening) is not None:
+    # A grouped conv's estimate is per conv group (the method's own); _ESTIMATES read a dense kernel.
+    if estimator is None or conv.groups > 1 or method.spectrum(conv.weight.detach(), groups, whitening) is not None:
         return method.predicted_errors(conv, ranks, groups, whitening)
     return estimator(method.whitened_weight(conv.weight, whitening), ranks, groups)
 

@@ -63,11 +63,14 @@ def random_factors(method: Method, conv: nn.Conv2d, rank: int, groups: int) -> t
     generator = torch.Generator().manual_seed(0)
     out_channels, in_channels = conv.out_channels, conv.in_channels
     kh, kw = conv.kernel_size
+    # A grouped conv's factors keep its groups: low_rank's rank counts per group, grouped's is the total.
+    per_group_in = in_channels // conv.groups
+    expand_in = rank // groups if conv.groups > 1 else rank
     shapes = {
         "depthwise_separable": [(in_channels * rank, 1, kh, kw), (out_channels, in_channels * rank, 1, 1)],
         "spatial_separable": [(rank, in_channels, kh, 1), (out_channels, rank, 1, kw)],
-        "low_rank": [(rank, in_channels, kh, kw), (out_channels, rank, 1, 1)],
-        "grouped": [(rank, in_channels), (rank, rank // groups, kh, kw), (out_channels, rank)],
+        "low_rank": [(conv.groups * rank, per_group_in, kh, kw), (out_channels, rank, 1, 1)],
+        "grouped": [(rank, per_group_in), (rank, rank // groups, kh, kw), (out_channels, expand_in)],
         "cp": [(rank, in_channels), (rank, kh), (rank, kw), (out_channels, rank)],
     }[method.name]
     return tuple(torch.randn(shape, generator=generator, dtype=conv.weight.dtype) for shape in shapes)

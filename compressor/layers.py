@@ -3,8 +3,9 @@
 Every hyperparameter of the original conv is either copied to the factor that must carry it or
 deliberately replaced (and the replacement is what makes the stack exact): stride, padding and
 dilation go to the spatial factor (split per axis for the spatially separable form), bias goes to
-the last factor, dtype and device to all. ``padding_mode`` other than ``zeros`` and ``groups != 1``
-are refused rather than dropped. :func:`check_stack` then compares the stack with the original on
+the last factor, dtype and device to all. ``padding_mode`` other than ``zeros`` is refused rather
+than dropped, and so are ``groups != 1`` except by the methods that keep a grouped conv's groups in
+every factor (``low_rank``, ``grouped``). :func:`check_stack` then compares the stack with the original on
 everything observable without running a model: channels, dtype, device, bias, and the output size
 for two probe input sizes (which catches any stride/padding/dilation mistake).
 """
@@ -209,11 +210,13 @@ def build_grouped(
     """1x1 reduce, grouped kxk core (stride, padding, dilation of the original), 1x1 expand (bias).
 
     The padding belongs to the core: the bias-free 1x1 before it maps zero padding to zero padding.
+    A grouped conv's 1x1 factors keep its groups (one Tucker-2 per group; ``groups`` is then the conv's).
     """
+    outer = conv.groups
     return nn.Sequential(
-        _make_conv(conv, first[:, :, None, None]),
+        _make_conv(conv, first[:, :, None, None], groups=outer),
         _make_conv(conv, core, stride=conv.stride, padding=factor_padding(conv), dilation=conv.dilation, groups=groups),
-        _make_conv(conv, last[:, :, None, None], bias=_original_bias(conv)),
+        _make_conv(conv, last[:, :, None, None], bias=_original_bias(conv), groups=outer),
     )
 
 

@@ -17,6 +17,7 @@ from compressor import decompose, layers
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.cp import cp_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank, depthwise_separable_spectrum
+from compressor.decompose.grouped_tucker import grouped_tucker2_full_rank
 from compressor.decompose.low_rank import low_rank_full_rank, low_rank_spectrum, whitened_groups
 from compressor.decompose.spatial import spatial_separable_full_rank, spatial_separable_spectrum
 from compressor.decompose.whiten import Whitening, whiten_input_mode
@@ -75,6 +76,11 @@ class Method(ABC):
     def decompose(self, weight: torch.Tensor, rank: int, groups: int, whitening: Whitening | None = None) -> Factors:
         """Factors of ``weight``; with ``whitening`` (of kind :attr:`statistic`) they target the output error."""
 
+    def factors(self, conv: nn.Conv2d, rank: int, groups: int, whitening: Whitening | None = None) -> Factors:
+        """:meth:`decompose` of ``conv``'s weight; a method whose factors depend on the conv's own
+        groups (not only on its weight's shape) overrides this."""
+        return self.decompose(conv.weight.detach(), rank, groups, whitening)
+
     def whitened_weight(self, weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
         """``weight`` in float64 with this method's whitening applied, so that norms of differences
         are (approximately) output errors on the calibration data."""
@@ -102,7 +108,7 @@ class Method(ABC):
         scale = float(torch.linalg.norm(reference).clamp_min(1e-300))
         errors = []
         for rank in ranks:
-            approx = self.reconstruct(conv, self.decompose(weight, rank, groups, whitening), groups)
+            approx = self.reconstruct(conv, self.factors(conv, rank, groups, whitening), groups)
             errors.append(float(torch.linalg.norm(self.whitened_weight(approx, whitening) - reference)) / scale)
         return errors
 
@@ -236,30 +242,73 @@ class LowRank(Method):
 
 
 class Grouped(Method):
+    """Block-term (Tucker-2 with ``groups: 1``) on a dense conv; on a grouped conv, one Tucker-2 per
+    conv group (:mod:`compressor.decompose.grouped_tucker`), every factor keeping the conv's groups
+    (the plan's ``groups`` is then the conv's). Depthwise convs are left alone."""
+
     name = "grouped"
+
+    def skip_reason(self, conv):
+        return layers.unsupported_reason(conv, grouped=True)
 
     def rank_step(self, groups):
         return groups
 
     def full_rank(self, conv, groups):
+        if conv.groups > 1:
+            return grouped_tucker2_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size, conv.groups)
         return block_term_full_rank(conv.out_channels, conv.in_channels, *conv.kernel_size, groups)
 
     def macs(self, conv, calls, rank, groups):
         kh, kw = conv.kernel_size
+        # A grouped conv's 1x1 factors are grouped too: each output channel reads 1/G of its inputs.
+        reduce_in, expand_in = (conv.in_channels // conv.groups, rank // groups) if conv.groups > 1 else (conv.in_channels, rank)
         total = 0
         for call in calls:
-            total += _area(call.input_hw) * conv.in_channels * rank
-            total += _area(call.output_hw) * rank * (rank // groups * kh * kw + conv.out_channels)
+            total += _area(call.input_hw) * reduce_in * rank
+            total += _area(call.output_hw) * (rank * rank // groups * kh * kw + conv.out_channels * expand_in)
         return total
 
     def params(self, conv, rank, groups):
         kh, kw = conv.kernel_size
-        return rank * (conv.in_channels + rank // groups * kh * kw + conv.out_channels) + self._bias_params(conv)
+        reduce_in, expand_in = (conv.in_channels // conv.groups, rank // groups) if conv.groups > 1 else (conv.in_channels, rank)
+        return rank * reduce_in + rank * rank // groups * kh * kw + conv.out_channels * expand_in + self._bias_params(conv)
+
+    def whitened_weight(self, weight, whitening):
+        if whitening is None or whitening.root.dim() == 2:
+            return super().whitened_weight(weight, whitening)
+        weight = weight.detach().to(torch.float64)
+        rows = weight.shape[0] // whitening.root.shape[0]  # batched per conv group
+        return torch.cat([whiten_input_mode(weight[g * rows:(g + 1) * rows], root) for g, root in enumerate(whitening.root)])
+
+    def predicted_errors(self, conv, ranks, groups, whitening):
+        if conv.groups == 1:
+            return super().predicted_errors(conv, ranks, groups, whitening)
+        # Groups are independent: squared errors add, and each group's comes from its truncated HOSVD.
+        from compressor.estimate import tucker2_errors
+
+        weight = self.whitened_weight(conv.weight, whitening)
+        rows = weight.shape[0] // conv.groups
+        blocks = [weight[g * rows:(g + 1) * rows] for g in range(conv.groups)]
+        energies = [float((block**2).sum()) for block in blocks]
+        total = max(sum(energies), 1e-300)
+        per_group = [tucker2_errors(block, [rank // conv.groups for rank in ranks]) for block in blocks]
+        return [
+            (sum(energy * errors[i] ** 2 for energy, errors in zip(energies, per_group)) / total) ** 0.5
+            for i in range(len(ranks))
+        ]
 
     def decompose(self, weight, rank, groups, whitening=None):
         return decompose.block_term(weight, rank, groups, input_whitening=whitening)
 
+    def factors(self, conv, rank, groups, whitening=None):
+        if conv.groups > 1:
+            return decompose.grouped_tucker2(conv.weight.detach(), rank, conv.groups, whitening=whitening)
+        return super().factors(conv, rank, groups, whitening)
+
     def reconstruct(self, conv, factors, groups):
+        if conv.groups > 1:
+            return decompose.grouped_tucker2_reconstruct(*factors, conv.groups)
         return decompose.block_term_reconstruct(*factors, groups)
 
     def build(self, conv, factors, groups):
@@ -321,7 +370,7 @@ def factorize(
 ) -> tuple[nn.Sequential, float]:
     """Decompose ``conv`` and build its stack; return it with the relative (unwhitened) weight error."""
     weight = conv.weight.detach()
-    factors = method.decompose(weight, rank, groups, whitening)
+    factors = method.factors(conv, rank, groups, whitening)
     approx = method.reconstruct(conv, factors, groups).to(torch.float64)
     reference = weight.to(torch.float64)
     error = (torch.linalg.norm(approx - reference) / torch.linalg.norm(reference).clamp_min(1e-30)).item()

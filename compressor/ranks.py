@@ -77,10 +77,20 @@ def _largest_under_budget(
 
 
 def _mode_matrices(method: Method, conv: nn.Conv2d, whitening: Whitening | None) -> list[torch.Tensor]:
-    """Unfoldings whose ranks bound the method's rank: the channel modes of the (whitened) kernel."""
+    """Unfoldings whose ranks bound the method's rank: the channel modes of the (whitened) kernel,
+    of each group's kernel for a grouped conv (whose rank counts per group, see :func:`_per_group`)."""
     weight = method.whitened_weight(conv.weight, whitening if method.statistic == "channels" else None)
-    out_channels, in_channels = weight.shape[:2]
-    return [weight.reshape(out_channels, -1), weight.transpose(0, 1).reshape(in_channels, -1)]
+    rows = weight.shape[0] // conv.groups
+    matrices = []
+    for block in weight.split(rows):
+        out_channels, in_channels = block.shape[:2]
+        matrices += [block.reshape(out_channels, -1), block.transpose(0, 1).reshape(in_channels, -1)]
+    return matrices
+
+
+def _per_group(method: Method, conv: nn.Conv2d, rank: int) -> int:
+    """A Tucker-2 rank read from one group's unfoldings, as the total over a grouped conv's groups."""
+    return rank * conv.groups
 
 
 def _energy(method: Method, conv: nn.Conv2d, fraction: float, groups: int, whitening: Whitening | None) -> int:
@@ -90,7 +100,7 @@ def _energy(method: Method, conv: nn.Conv2d, fraction: float, groups: int, white
             # One depth multiplier for all channels: rank m keeps the m-th singular value of each.
             spectrum = (spectrum.to(torch.float64) ** 2).sum(0).sqrt()
         return energy_rank(spectrum, fraction)
-    return max(energy_rank(torch.linalg.svdvals(matrix), fraction) for matrix in _mode_matrices(method, conv, whitening))
+    return _per_group(method, conv, max(energy_rank(torch.linalg.svdvals(matrix), fraction) for matrix in _mode_matrices(method, conv, whitening)))
 
 
 def _vbmf(method: Method, conv: nn.Conv2d, groups: int, whitening: Whitening | None) -> int:
@@ -114,7 +124,7 @@ def _vbmf(method: Method, conv: nn.Conv2d, groups: int, whitening: Whitening | N
             unfolded = whitening.root @ unfolded
         return evbmf_rank(unfolded)
     # Tucker-style ranks from both channel-mode unfoldings (Kim et al. 2016).
-    return max(evbmf_rank(matrix) for matrix in _mode_matrices(method, conv, whitening))
+    return _per_group(method, conv, max(evbmf_rank(matrix) for matrix in _mode_matrices(method, conv, whitening)))
 
 
 def resolve_rank(

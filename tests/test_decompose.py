@@ -6,6 +6,7 @@ import torch
 from compressor import decompose
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank
+from compressor.decompose.grouped_tucker import grouped_tucker2_full_rank
 from compressor.decompose.low_rank import low_rank_full_rank
 from compressor.decompose.spatial import spatial_separable_full_rank
 
@@ -121,4 +122,52 @@ def test_bad_arguments_are_refused(call, message):
     weight = torch.randn(16, 8, 3, 3)
     with pytest.raises(ValueError) as info:
         call(weight)
+    assert message in str(info.value), f"message was: {info.value}"
+
+
+GROUPED_SHAPES = [((16, 4, 3, 3), 4), ((12, 6, 1, 1), 2), ((6, 8, 3, 1), 3)]  # (out, in/G, kh, kw), G
+
+
+@pytest.mark.parametrize("whitened", [False, True], ids=["plain", "whitened"])
+@pytest.mark.parametrize("shape, groups", GROUPED_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_grouped_tucker2_is_exact_at_full_rank_and_keeps_groups(shape, groups, whitened):
+    torch.manual_seed(7)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    out_channels, in_per_group, kh, kw = shape
+    whitening = None
+    if whitened:
+        samples = torch.randn(groups, in_per_group, 3 * in_per_group, dtype=torch.float64)
+        whitening = decompose.whiten.whitening(samples @ samples.transpose(1, 2))
+    full = grouped_tucker2_full_rank(out_channels, in_per_group * groups, kh, kw, groups)
+    first, core, last = decompose.grouped_tucker2(weight, full, groups, whitening=whitening)
+    expected = (full, in_per_group), (full, full // groups, kh, kw), (out_channels, full // groups)
+    assert (first.shape, core.shape, last.shape) == expected, f"shapes {first.shape, core.shape, last.shape}"
+    error = _rel(decompose.grouped_tucker2_reconstruct(first, core, last, groups), weight)
+    assert error < 1e-10, f"full rank {full}: relative error {error:.3e}"
+
+
+def test_grouped_tucker2_error_falls_with_rank_and_equals_one_tucker2_per_group():
+    torch.manual_seed(8)
+    weight, groups = torch.randn(16, 4, 3, 3, dtype=torch.float64), 4
+    errors = [
+        _rel(decompose.grouped_tucker2_reconstruct(*decompose.grouped_tucker2(weight, r, groups), groups), weight)
+        for r in range(groups, grouped_tucker2_full_rank(16, 16, 3, 3, groups) + 1, groups)
+    ]
+    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[0] > 0.1, f"errors by rank {errors}"
+    alone = decompose.tucker2_reconstruct(*decompose.tucker2(weight[4:8], 2, 2))
+    together = decompose.grouped_tucker2_reconstruct(*decompose.grouped_tucker2(weight, 8, groups), groups)[4:8]
+    assert torch.allclose(alone, together), f"group 1 differs from its own Tucker-2 by {(alone - together).abs().max():.3e}"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda w: decompose.grouped_tucker2(w, 6, 4), "divisible by groups=4"),
+        (lambda w: decompose.grouped_tucker2(w, 8, 3), "out_channels divisible by groups=3"),
+        (lambda w: decompose.grouped_tucker2(w[0], 4, 4), "4-d conv kernel"),
+    ],
+)
+def test_grouped_tucker2_refuses_bad_arguments(call, message):
+    with pytest.raises(ValueError) as info:
+        call(torch.randn(16, 4, 3, 3))
     assert message in str(info.value), f"message was: {info.value}"

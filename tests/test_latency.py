@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compressor import bench, compress
-from compressor.latency import LatencyTable, conv_geometry, convs_model
+from compressor.latency import LatencyTable, conv_geometry, convs_model, random_stack
 from compressor.methods import METHODS
 from compressor.profile import CallShape
 
@@ -38,6 +38,16 @@ def test_candidate_stacks_time_positive(tmp_path, method):
     table = LatencyTable(tmp_path, threads=1, runs=2)
     ms = table.candidate_ms(METHODS[method], conv, calls, 1, 4, 1)
     assert math.isfinite(ms) and ms > 0, ms
+
+
+@pytest.mark.parametrize("method, rank", [("low_rank", 3), ("grouped", 8)])
+def test_random_stack_of_a_grouped_conv_keeps_its_groups(method, rank):
+    """What a latency target times for a grouped conv is the stack the method builds: grouped factors."""
+    conv = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+    stack = random_stack(METHODS[method], conv, rank, 4)
+    x = torch.randn(1, 16, 9, 9)
+    groups = [m.groups for m in stack]
+    assert stack(x).shape == conv(x).shape and set(groups) == {4}, f"{method}: groups {groups}, output {tuple(stack(x).shape)}"
 
 
 @pytest.mark.parametrize("conv", [

@@ -164,31 +164,54 @@ def _grouped_cases():
                            id=f"g{groups}-k{kernel[0]}x{kernel[1]}-s{stride}-p{padding}-d{dilation}-{'bias' if bias else 'nobias'}")
 
 
+#: The methods that keep a grouped conv's groups in every factor, and how many factors they make.
+GROUP_KEEPING = [("low_rank", 2), ("grouped", 3)]
+
+
+@pytest.mark.parametrize("method, factors", GROUP_KEEPING, ids=[m for m, _ in GROUP_KEEPING])
 @pytest.mark.parametrize("groups, kernel, stride, padding, dilation, bias", list(_grouped_cases()))
-def test_low_rank_factorizes_a_grouped_conv_per_group_exactly_at_full_rank(groups, kernel, stride, padding, dilation, bias):
+def test_grouped_conv_factorizes_per_group_exactly_at_full_rank(groups, kernel, stride, padding, dilation, bias, method, factors):
     torch.manual_seed(4)
     conv = nn.Conv2d(8, 12, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
-    spec = METHODS["low_rank"]
+    spec = METHODS[method]
     assert spec.skip_reason(conv) is None, spec.skip_reason(conv)
     rank = spec.full_rank(conv, groups)
     stack, weight_error = factorize(spec, conv, rank, groups)
-    assert [m.groups for m in stack] == [groups, groups], f"factor groups {[m.groups for m in stack]}"
+    assert [m.groups for m in stack] == [groups] * factors, f"{method} factor groups {[m.groups for m in stack]}"
     x = torch.randn(2, 8, 15, 13)
     with torch.no_grad():
         error = ((stack(x) - conv(x)).norm() / conv(x).norm()).item()
-    assert error < TOLERANCE and weight_error < 1e-6, f"per-group rank {rank}: output error {error:.3e}, weight {weight_error:.3e}"
+    assert error < TOLERANCE and weight_error < 1e-6, f"{method} rank {rank}: output error {error:.3e}, weight {weight_error:.3e}"
+
+
+@pytest.mark.parametrize("method", [m for m, _ in GROUP_KEEPING])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_error_falls_with_rank(groups, method):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    # low_rank's rank counts per group (every rank allowed); grouped's is the total, a multiple of the groups.
+    spec = METHODS[method]
+    _assert_error_falls_to_exact(spec, conv, groups, step=spec.rank_step(groups), x=torch.randn(2, 16, 12, 12))
 
 
 @pytest.mark.parametrize("groups", [2, 4])
-def test_grouped_low_rank_error_falls_with_rank(groups):
-    torch.manual_seed(5)
-    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
-    # The rank counts per group: every rank is allowed.
-    _assert_error_falls_to_exact(METHODS["low_rank"], conv, groups, step=1, x=torch.randn(2, 16, 12, 12))
+def test_grouped_tucker_costs_what_its_stack_runs(groups):
+    """The per-group Tucker-2 cost model against the profiled MACs and the parameters of its stack."""
+    from compressor.profile import profile_model, totals
+
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, groups=groups)
+    spec = METHODS["grouped"]
+    rank = 2 * groups
+    stack, _ = factorize(spec, conv, rank, groups)
+    x = torch.randn(1, 16, 10, 10)
+    got = (totals(profile_model(stack, x))["macs"], sum(p.numel() for p in stack.parameters()))
+    expected = (spec.macs(conv, profile_model(conv, x)[""].calls, rank, groups), spec.params(conv, rank, groups))
+    assert got == expected, f"stack runs (MACs, params) {got}, the cost model says {expected}"
 
 
-def test_depthwise_convs_stay_skipped_by_low_rank():
-    reason = METHODS["low_rank"].skip_reason(nn.Conv2d(8, 8, 3, groups=8))
+@pytest.mark.parametrize("method", [m for m, _ in GROUP_KEEPING])
+def test_depthwise_convs_stay_skipped(method):
+    reason = METHODS[method].skip_reason(nn.Conv2d(8, 8, 3, groups=8))
     assert reason is not None and "depthwise" in reason, reason
 
 

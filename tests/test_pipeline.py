@@ -473,20 +473,23 @@ class _ResNeXtBlock(nn.Module):
         return self.head(self.expand(x).mean((2, 3)))
 
 
-def test_grouped_convs_factorize_per_group_through_the_pipeline():
+@pytest.mark.parametrize("method, factors", [("low_rank", 2), ("grouped", 3)])
+def test_grouped_convs_factorize_per_group_through_the_pipeline(tmp_path, method, factors):
     model = zoo.randomize_batchnorm(_ResNeXtBlock()).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    full = compressor.compress(model, {"rules": [{"match": "*", "method": "low_rank", "rank": "full"}]}, x)
+    full = compressor.compress(model, {"rules": [{"match": ["grouped", "expand"], "method": method, "rank": "full"}]}, x)
     by_name = {layer["name"]: layer for layer in full.report["layers"]}
-    assert by_name["grouped"]["method"] == "low_rank" and by_name["expand"]["method"] == "low_rank", by_name["grouped"]
-    assert [m.groups for m in full.model.get_submodule("grouped")] == [4, 4]
+    assert by_name["grouped"]["method"] == method and by_name["expand"]["method"] == method, by_name["grouped"]
+    assert [m.groups for m in full.model.get_submodule("grouped")] == [4] * factors
     assert full.report["output_rel_error"] < EXACT, full.report["output_rel_error"]
+    parity = full.export_onnx(tmp_path / "c.onnx")
+    assert parity.rel < 1e-5, f"{method}: ORT parity {full.report['onnx']}"
     data = [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     held_out = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(9))]
-    recipe = {"rules": [{"match": ["grouped", "expand"], "method": "low_rank", "rank": {"macs": 0.5}}], "calibration": {"samples": 32}}
+    recipe = {"rules": [{"match": ["grouped", "expand"], "method": method, "rank": {"macs": 0.5}}], "calibration": {"samples": 32}}
     plain = compressor.compress(model, recipe, x, eval_data=held_out).report
     aware = compressor.compress(model, recipe, x, data=data, eval_data=held_out).report
-    refits = {layer["name"]: layer["output_rel_error"] for layer in aware["layers"] if layer["method"] == "low_rank"}
+    refits = {layer["name"]: layer["output_rel_error"] for layer in aware["layers"] if layer["method"] == method}
     assert set(refits) == {"grouped", "expand"} and all(e is not None for e in refits.values()), refits
     got, before = aware["metrics"]["output_rel_error"], plain["metrics"]["output_rel_error"]
-    assert got < before, f"grouped low_rank held-out output error: data-aware {got:.4f}, weights-only {before:.4f}"
+    assert got < before, f"grouped {method} held-out output error: data-aware {got:.4f}, weights-only {before:.4f}"

@@ -7,6 +7,7 @@ on the input's device; one method per module, each citing its paper.
 from compressor.decompose.block_term import block_term, block_term_reconstruct
 from compressor.decompose.cp import CPDegenerateError, cp, cp_reconstruct
 from compressor.decompose.depthwise import depthwise_separable, depthwise_separable_reconstruct
+from compressor.decompose.grouped_tucker import grouped_tucker2, grouped_tucker2_reconstruct
 from compressor.decompose.low_rank import low_rank, low_rank_reconstruct
 from compressor.decompose.spatial import spatial_separable, spatial_separable_reconstruct
 from compressor.decompose.tucker import tucker2, tucker2_reconstruct
@@ -19,6 +20,8 @@ __all__ = [
     "cp_reconstruct",
     "depthwise_separable",
     "depthwise_separable_reconstruct",
+    "grouped_tucker2",
+    "grouped_tucker2_reconstruct",
     "low_rank",
     "low_rank_reconstruct",
     "spatial_separable",
