@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor import layers
+from compressor import calibrate, layers
 from compressor.calibrate import Batches, Pairs, Refit, paired_calls
 
 _RIDGE = 1e-6
@@ -49,24 +49,23 @@ def collect_patch_statistics(
 
 def patch_statistics(conv: nn.Conv2d, pairs: Pairs) -> PatchStatistics:
     """The sums of :class:`PatchStatistics` over ``pairs`` (see :data:`compressor.calibrate.Pairs`)."""
-    extractor = layers.build_patch_extractor(
-        conv, conv.kernel_size, stride=conv.stride, padding=layers.factor_padding(conv), dilation=conv.dilation
-    )
-    size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    geometry = (conv.kernel_size, conv.stride, layers.factor_padding(conv), conv.dilation)
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    size = conv.in_channels * taps + 1
     gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(size, conv.out_channels, dtype=torch.float64)
+    cross = torch.zeros(conv.out_channels, size, dtype=torch.float64)
     energy, samples = 0.0, 0
     with torch.no_grad():
         for target, hidden, batch_size in pairs:
             samples += batch_size
-            for part_target, part_hidden in zip(target.split(16), hidden.split(16)):
-                patches = extractor(part_hidden)
-                columns = patches.transpose(0, 1).reshape(size - 1, -1).to(torch.float64)
-                columns = torch.cat([columns, torch.ones(1, columns.shape[1], dtype=torch.float64)])
-                wanted = part_target.transpose(0, 1).reshape(conv.out_channels, -1).to(torch.float64)
-                gram += (columns @ columns.T).cpu()
-                cross += (columns @ wanted.T).cpu()
+            step = calibrate.chunk_samples(hidden, taps)
+            for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
+                # float64 products: errors are read as differences of these sums (see fit_last_factor_)
+                columns = calibrate.patch_columns(part_hidden, geometry, torch.float64)
+                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, torch.float64)
+                calibrate.add_products(gram, cross, columns, wanted, with_constant=True)
                 energy += float((wanted**2).sum())
+    cross = cross.T.contiguous()
     return PatchStatistics(gram, cross, energy, samples)
 
 

@@ -75,22 +75,91 @@ def test_full_rank_stays_exact_with_whitening(method_name):
     assert error < 1e-6 and weight_error < 1e-6, f"{method_name} at full rank {full}: output {error:.2e}, weight {weight_error:.2e}"
 
 
-def test_statistics_match_a_direct_im2col():
+# (kernel, stride, padding, dilation): strided, asymmetric 'same' (odd total), 'valid', 1x1
+GEOMETRIES = [
+    ((3, 2), (2, 1), (1, 0), (1, 2)),
+    ((3, 4), (1, 1), "same", (2, 1)),
+    ((3, 3), (1, 1), 1, 1),
+    ((5, 5), (1, 1), "valid", 1),
+    ((1, 1), (1, 1), 0, 1),
+]
+
+
+def _unfold_reference(inputs: torch.Tensor, conv: nn.Conv2d, kernel, stride, padding, dilation) -> torch.Tensor:
+    """im2col columns (C*kh*kw, N*L) in float64, through F.unfold on the input padded as the conv pads."""
+    x = inputs.double()
+    if padding == "same":  # nn.Conv2d: the odd pixel of an odd total goes last
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
+        padding = 0
+    elif padding == "valid":
+        padding = 0
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(0, 1).reshape(patches.shape[1], -1)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_statistics_match_a_direct_im2col(kernel, stride, padding, dilation, dtype):
+    """Every statistic kind against float64 F.unfold: float32 activations multiply in float32 per
+    chunk (relative error about 1e-7 measured; asserted below 1e-5), float64 ones stay exact."""
     torch.manual_seed(2)
-    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
-    inputs = torch.randn(6, 3, 9, 10)
-    stats = collect_statistics(nn.Sequential(conv), {"0": ["channel_patches", "column_patches", "channels"]}, lambda: inputs.split(4))["0"]
-    patches = F.unfold(inputs.double(), (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))  # (N, C*6, L)
-    per_channel = patches.reshape(6, 3, 6, -1).permute(1, 2, 0, 3).reshape(3, 6, -1)
-    expected = per_channel @ per_channel.transpose(1, 2) / per_channel.shape[-1]
-    got = stats.covariance("channel_patches")
-    assert torch.allclose(got, expected, atol=1e-10), f"max diff {(got - expected).abs().max():.2e}"
-    columns = F.unfold(inputs.double(), (3, 1), padding=(1, 0), stride=(2, 1)).transpose(0, 1).reshape(9, -1)
-    expected_columns = columns @ columns.T / columns.shape[1]
-    got_columns = stats.covariance("column_patches")
-    assert torch.allclose(got_columns, expected_columns, atol=1e-10), f"max diff {(got_columns - expected_columns).abs().max():.2e}"
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation).to(dtype)
+    inputs = torch.randn(6, 3, 9, 10, dtype=dtype) + 0.5  # an offset: second moments, not centred
+    kinds = ["channel_patches", "column_patches", "patches", "channels"]
+    stats = collect_statistics(nn.Sequential(conv), {"0": kinds}, lambda: inputs.split(4))["0"]
+    taps = kernel[0] * kernel[1]
+    patches = _unfold_reference(inputs, conv, kernel, stride, conv.padding, conv.dilation)
+    per_channel = patches.reshape(3, taps, -1)
+    column_padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], 0)
+    columns = _unfold_reference(inputs, conv, (kernel[0], 1), (stride[0], 1), column_padding, (conv.dilation[0], 1))
+    if column_padding == "same":
+        columns = _same_columns(inputs, conv)
     flat = inputs.double().transpose(0, 1).reshape(3, -1)
-    assert torch.allclose(stats.covariance("channels"), flat @ flat.T / flat.shape[1], atol=1e-10)
+    expected = {
+        "channel_patches": per_channel @ per_channel.transpose(1, 2) / per_channel.shape[-1],
+        "column_patches": columns @ columns.T / columns.shape[1],
+        "patches": patches @ patches.T / patches.shape[1],
+        "channels": flat @ flat.T / flat.shape[1],
+    }
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for kind, want in expected.items():
+        got = stats.covariance(kind)
+        error = _relative(got, want)
+        assert got.dtype == torch.float64 and error < tolerance, f"{kind} ({dtype}): relative error {error:.2e}"
+
+
+def _same_columns(inputs: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(kh x 1) columns of a 'same' conv: padded along H only, by nn.Conv2d's split of the total."""
+    total = conv.dilation[0] * (conv.kernel_size[0] - 1)
+    x = F.pad(inputs.double(), (0, 0, total // 2, total - total // 2))
+    patches = F.unfold(x, (conv.kernel_size[0], 1), dilation=(conv.dilation[0], 1))
+    return patches.transpose(0, 1).reshape(patches.shape[1], -1)
+
+
+def test_shared_gram_gives_the_same_statistics_as_each_kind_alone():
+    """patches and channel_patches (one Gram, its block diagonal) and channels: the same sums
+    whether requested together or one by one."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(5, 4, 3, padding=1).double()
+    inputs = torch.randn(7, 5, 8, 8, dtype=torch.float64)
+    kinds = ["channel_patches", "patches", "channels", "column_patches"]
+    together = collect_statistics(nn.Sequential(conv), {"0": kinds}, lambda: inputs.split(3))["0"]
+    for kind in kinds:
+        alone = collect_statistics(nn.Sequential(conv), {"0": [kind]}, lambda: inputs.split(3))["0"]
+        assert together.counts[kind] == alone.counts[kind], kind
+        error = _relative(together.sums[kind], alone.sums[kind])
+        assert error < 1e-13, f"{kind}: {error:.2e}"
+
+
+def test_wide_gram_mirrors_its_upper_block():
+    """Grams of 256+ rows compute 3/4 of the products and mirror the rest: same as the full product."""
+    from compressor.calibrate import _gram
+
+    columns = torch.randn(300, 2000, dtype=torch.float64)
+    got = _gram(columns)
+    assert torch.equal(got[150:, :150], got[:150, 150:].T)
+    assert _relative(got, columns @ columns.T) < 1e-13
 
 
 @pytest.mark.parametrize(
@@ -216,3 +285,33 @@ def test_joint_spatial_refit_keeps_an_exact_stack():
     stats = collect_patch_statistics(original, copy.deepcopy(original), "b", original.b, 1, lambda: inputs.split(16))
     refit = spatial_als_(stack, original.b, stats)
     assert refit.error_before < 1e-5 and refit.error_after <= refit.error_before, refit
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", GEOMETRIES[:3])
+def test_refit_sums_match_a_direct_im2col(kernel, stride, padding, dilation):
+    """The joint refit's sums (patches with a constant 1 row, cross terms, energy) and the last-factor
+    refit's solution, against float64 F.unfold and a direct ridge solve, from float32 activations."""
+    from compressor.calibrate import fit_last_factor_
+    from compressor.joint_refit import patch_statistics
+
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    hidden = torch.randn(6, 3, 9, 10) + 0.5
+    with torch.no_grad():
+        target = conv(hidden) + 0.1 * torch.randn(conv(hidden).shape)
+    pairs = [(target[:4], hidden[:4], 4), (target[4:], hidden[4:], 2)]
+    stats = patch_statistics(conv, pairs)
+    patches = _unfold_reference(hidden, conv, kernel, stride, conv.padding, conv.dilation)
+    patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=torch.float64)])
+    wanted = target.double().transpose(0, 1).reshape(5, -1)
+    assert _relative(stats.gram, patches @ patches.T) < 1e-13
+    assert _relative(stats.cross, patches @ wanted.T) < 1e-13
+    assert stats.energy == pytest.approx(float((wanted**2).sum()), rel=1e-13) and stats.samples == 6
+
+    stack = nn.Sequential(nn.Identity(), copy.deepcopy(conv))
+    refit = fit_last_factor_(stack, pairs, ridge=0.0)
+    solved = torch.linalg.lstsq(patches.T, wanted.T).solution.T
+    got = torch.cat([stack[-1].weight.detach().double().reshape(5, -1), stack[-1].bias.detach().double()[:, None]], 1)
+    assert _relative(got, solved) < 1e-5, f"weights differ from lstsq by {_relative(got, solved):.2e}"
+    residual = float((wanted - solved @ patches).norm() / wanted.norm())
+    assert refit.error_after == pytest.approx(residual, rel=1e-6), (refit, residual)
