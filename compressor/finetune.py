@@ -489,8 +489,10 @@ def finetune(
     augment = augment and example_input.dim() == 4
 
     torch.manual_seed(settings.seed)
-    teacher = tree.requires_grad_(tree.set_training_(tree.move_(copy.deepcopy(teacher), device), False), False)
-    tree.move_(student, device)
+    # channels_last: oneDNN's CPU convolutions train ~30% faster in it (ResNet-32 factor stacks, 1 thread).
+    memory_format = torch.channels_last if device.type == "cpu" and example_input.dim() == 4 else None
+    teacher = tree.requires_grad_(tree.set_training_(tree.move_(copy.deepcopy(teacher), device, memory_format=memory_format), False), False)
+    tree.move_(student, device, memory_format=memory_format)
     if task is None:
         task = task_of(teacher, example_input.to(device), None)
     capture = _Capture(student, teacher, rewritten) if settings.feature_weight > 0 and rewritten else None
@@ -532,6 +534,8 @@ def finetune(
                     if augment:
                         inputs = _augment(inputs, generator)
                     inputs = inputs.to(device, non_blocking=True)
+                    if memory_format is not None:
+                        inputs = inputs.contiguous(memory_format=memory_format)
                     progress_now = budget.progress(step, time.perf_counter() - started)
                     for group in optimizer.param_groups:
                         group["lr"] = _learning_rate(peak, settings.warmup, progress_now)
@@ -616,7 +620,7 @@ def finetune(
         if capture is not None:
             capture.remove()
     tree.restore_(student, best_state)
-    tree.set_training_(tree.move_(student, home), False)
+    tree.set_training_(tree.move_(student, home, memory_format=torch.contiguous_format if memory_format else None), False)
     record = {
         "task": task.kind,
         "device": str(device),

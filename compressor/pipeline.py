@@ -428,18 +428,19 @@ def compress(
 
     With a recipe ``finetune`` section and ``data``, the rewritten model is fine-tuned by distillation
     from the original (see :mod:`compressor.finetune`) on ``device`` (default: CUDA when available),
-    held out on ``eval_data`` or else on a ``finetune.holdout`` part of ``data`` that calibration never
-    sees; ``progress`` shows its bar (default: on a terminal). Without ``data`` it is skipped and the
-    report says so.
+    choosing its best weights on a ``finetune.holdout`` part of ``data`` that calibration and training
+    never see (``eval_data`` is never used for a choice: it only measures); ``progress`` shows its bar
+    (default: on a terminal). Without ``data`` it is skipped and the report says so.
     """
     started = time.perf_counter()
     recipe = load_recipe(recipe)
     if recipe.export.quantize == "static" and data is None:
         raise CompressorError("export.quantize: static calibrates activation ranges on data; pass --data (or use dynamic)")
     tuning = recipe.finetune
-    holdout = eval_data
-    if tuning is not None and tuning.enabled and data is not None and eval_data is None:
-        # Calibration and training never see the held-out part, so its numbers are not flattered.
+    holdout = None
+    if tuning is not None and tuning.enabled and data is not None:
+        # The fine-tune picks its best weights on a part of --data that calibration and training never
+        # see; --eval-data stays a test set that no choice was made on, so its numbers are not flattered.
         data, holdout = split_holdout(data, tuning.holdout, tuning.seed, example_input)
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = tree.set_training_(copy.deepcopy(model), False) if any(m.training for m in tree.modules(model)) else model

@@ -106,13 +106,21 @@ def requires_grad_(model: nn.Module, requires_grad: bool) -> nn.Module:
     return model
 
 
-def move_(model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """``model.to(device, dtype)`` in place; ``dtype`` applies to floating-point tensors only, as in torch."""
+def move_(
+    model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
+) -> nn.Module:
+    """``model.to(device, dtype, memory_format)`` in place; ``dtype`` applies to floating-point tensors
+    only and ``memory_format`` to 4-d ones, as in torch."""
 
     def convert(tensor: torch.Tensor) -> torch.Tensor:
         if dtype is not None and tensor.is_floating_point():
-            return tensor.to(device=device, dtype=dtype)
-        return tensor.to(device=device)
+            tensor = tensor.to(device=device, dtype=dtype)
+        else:
+            tensor = tensor.to(device=device)
+        if memory_format is not None and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=memory_format)
+        return tensor
 
     for module in modules(model):
         module._apply(convert, recurse=False)

@@ -144,6 +144,25 @@ def test_finetune_lowers_the_loss_and_keeps_the_best_weights(tuned):
     assert not any(m.training for m in tuned.model.modules()), "the fine-tuned model is left in train mode"
 
 
+def test_eval_data_measures_but_never_picks_the_weights(data):
+    """The best weights are chosen on the held-out part of --data; --eval-data (a test set) only measures,
+    so its accuracy is not flattered by a checkpoint chosen on it."""
+    test_set = [(x + 0.5, y) for x, y in data[:1]]
+    result = compressor.compress(
+        tiny_net(), _recipe(steps=6, batch_size=32, holdout=64, evaluations=2), torch.zeros(INPUT_SHAPE), data=data,
+        eval_data=test_set, progress=False,
+    )
+    record = result.report["finetune"]
+    assert (record["holdout_samples"], record["train_samples"]) == (64, 256), (record["holdout_samples"], record["train_samples"])
+    assert result.report["metrics"]["samples"] == 64, result.report["metrics"]
+
+
+def test_weights_come_back_in_the_standard_memory_format(tuned):
+    """Training runs channels_last on the CPU; the returned model must not carry that layout."""
+    odd = [name for name, p in tuned.model.named_parameters() if p.dim() == 4 and not p.is_contiguous()]
+    assert not odd, f"parameters left channels_last: {odd}"
+
+
 def test_finetune_is_deterministic_on_cpu(data, tuned):
     again = _compress(data, steps=20, batch_size=32, holdout=64, lr=3e-3, evaluations=4)
     assert state_digest(again.model) == state_digest(tuned.model)
