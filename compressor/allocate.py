@@ -23,6 +23,7 @@ from torch import nn
 from compressor import estimate
 from compressor.budget import Candidate, minimum_cost, solve
 from compressor.latency import LATENCY_CANDIDATES
+from compressor.layers import conv_view
 from compressor.calibrate import LayerStatistics
 from compressor.decompose.whiten import Whitening, whitening
 from compressor.errors import RankError
@@ -150,10 +151,10 @@ def _spend_leftover(
     """
     coarse = [
         plan for plan in solved
-        if plan.method in METHODS and METHODS[plan.method].spectrum(module.get_submodule(plan.name).weight.detach(), plan.groups, None) is None
+        if plan.method in METHODS and METHODS[plan.method].spectrum(conv_view(module.get_submodule(plan.name)).weight.detach(), plan.groups, None) is None
     ]
     for plan in sorted(coarse, key=lambda p: -(p.predicted_error or 0.0)):
-        method, conv, profile = METHODS[plan.method], module.get_submodule(plan.name), profiles[plan.name]
+        method, conv, profile = METHODS[plan.method], conv_view(module.get_submodule(plan.name)), profiles[plan.name]
         current = _cost(metric, method, conv, profile, plan.rank, plan.groups)
         fitting = [
             rank for rank in allowed_ranks(method, conv, plan.groups, plan.round_to, plan.round_small)
@@ -192,7 +193,7 @@ def assign_ranks(
     solved = [plan for plan in plans if plan.choices]
     for plan in plans:
         if plan.rewrites and not plan.choices:
-            conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+            conv, profile = conv_view(module.get_submodule(plan.name)), profiles[plan.name]
             _fixed_rank(plan, recipe.rules[plan.rule], conv, profile, statistics.get(plan.name))
     if recipe.target is None:
         return None
@@ -213,7 +214,7 @@ def assign_ranks(
     with layer_bar("ranks", len(solved), progress) as bar:
         for plan in solved:
             bar.advance(plan.name)
-            conv = module.get_submodule(plan.name)
+            conv = conv_view(module.get_submodule(plan.name))
             choices.append(_candidates(plan, conv, profiles[plan.name], metric, statistics.get(plan.name), latency))
     reachable = fixed_after + (minimum_cost(choices) if choices else 0)
     if reachable > budget:
@@ -227,7 +228,7 @@ def assign_ranks(
     predicted_total = 0.0
     for plan, options, index in zip(solved, choices, picks):
         name, rank, error = options[index].label
-        conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+        conv, profile = conv_view(module.get_submodule(plan.name)), profiles[plan.name]
         if name == "keep":
             plan.method, plan.rank = "keep", None
             plan.macs_after, plan.params_after = plan.macs_before, plan.params_before
@@ -290,7 +291,7 @@ def _latency_fixed(plans, solved, module, profiles, latency) -> tuple[float, flo
     for plan in plans:
         if not plan.choices and not plan.rewrites:
             continue
-        conv, profile = module.get_submodule(plan.name), profiles[plan.name]
+        conv, profile = conv_view(module.get_submodule(plan.name)), profiles[plan.name]
         before = latency.original(conv, profile.calls)
         entry = {"before_ms": before, "solved": bool(plan.choices)}
         if plan.choices:

@@ -42,7 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compressor import bench
+from compressor import bench, layers
 from compressor.export import export_onnx
 from compressor.methods import Method
 from compressor.profile import CallShape
@@ -87,9 +87,12 @@ def _pads(conv: nn.Conv2d) -> list[int]:
     return [ph, pw, ph, pw]
 
 
-def random_stack(method: Method, conv: nn.Conv2d, rank: int, groups: int) -> nn.Module:
-    """``method``'s stack for ``conv`` at ``rank`` with random factors: what timing needs, no decomposition."""
-    return method.build(conv, random_factors(method, conv, rank, groups), groups)
+def random_stack(method: Method, conv: nn.Module, rank: int, groups: int) -> nn.Module:
+    """``method``'s stack for ``conv`` at ``rank`` with random factors: what timing needs, no decomposition.
+    An ``nn.Linear`` gets the Linear layers that replace it."""
+    view = layers.conv_view(conv)
+    stack = method.build(view, random_factors(method, view, rank, groups), groups)
+    return layers.as_linear_stack(conv, stack) if isinstance(conv, nn.Linear) else stack
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict:

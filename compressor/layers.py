@@ -124,6 +124,52 @@ def portable(model: nn.Module) -> nn.Module:
     return copied
 
 
+def conv_view(module: nn.Module) -> nn.Module:
+    """``module`` itself, or for an ``nn.Linear`` the 1x1 conv computing the same map at every position.
+
+    The view shares the Linear's weight and bias storage (no copy), so planning, decomposition and
+    the last-factor refit treat a Linear as the 1x1 conv it is; writing into the view's parameters
+    writes into the Linear's. Its parameters do not require grad: it is never trained.
+    """
+    if type(module) is not nn.Linear:
+        return module
+    conv = nn.Conv2d(module.in_features, module.out_features, 1, bias=module.bias is not None, device="meta")
+    conv.weight = nn.Parameter(module.weight.detach().view(module.out_features, module.in_features, 1, 1), requires_grad=False)
+    if module.bias is not None:
+        conv.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return conv
+
+
+def as_conv_input(tensor: torch.Tensor) -> torch.Tensor:
+    """A Linear's input or output ``(N, ..., features)`` as 1x1-conv activations ``(positions, features, 1, 1)``."""
+    return tensor.reshape(-1, tensor.shape[-1], 1, 1)
+
+
+def as_linear_stack(linear: nn.Linear, stack: nn.Sequential) -> nn.Sequential:
+    """The stack built for :func:`conv_view` of ``linear`` (plain 1x1 convs) as the same chain of
+    ``nn.Linear`` layers, which take the Linear's ``(N, ..., in)`` inputs; bias stays on the last."""
+    converted = []
+    for conv in stack:
+        pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        if type(conv) is not nn.Conv2d or not pointwise or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
+            raise AssertionError(f"only a chain of plain 1x1 convs becomes Linear layers, got {conv}")
+        layer = nn.Linear(
+            conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight[:, :, 0, 0])
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        converted.append(layer)
+    result = nn.Sequential(*converted)
+    probe = torch.zeros(2, 3, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    with torch.no_grad():
+        if result(probe).shape != linear(probe).shape:
+            raise AssertionError(f"Linear stack gives {tuple(result(probe).shape)}, {linear} gives {tuple(linear(probe).shape)}")
+    return result
+
+
 def build_depthwise_separable(conv: nn.Conv2d, depthwise: torch.Tensor, pointwise: torch.Tensor) -> nn.Sequential:
     """kxk depthwise (stride, padding, dilation of the original) then 1x1 pointwise (bias); with a
     depth multiplier above 1, in the branched form of :class:`DecoupledSeparable`."""

@@ -41,7 +41,8 @@ from compressor.report_md import FILES as REPORT_MD_FILES, write_report_md
 from compressor.bench import latency_step
 from compressor.latency import latency_cost_for
 from compressor.latency_target import hold_latency_target
-from compressor.layers import portable as layers_portable
+from compressor.linear import linear_statistics
+from compressor.layers import as_linear_stack, conv_view as layers_conv_view, portable as layers_portable
 from compressor.quantize import INT8_FILE, int8_step
 
 #: Written beside OUTPUT_FILES when the input model was a torch.export archive.
@@ -192,13 +193,16 @@ def plan(
             calibration = [
                 inputs for inputs, _ in materialize(data, example_input, settings.batch_size, settings.samples, "calibration data")
             ]
-            requests = {}
+            requests, linears = {}, {}
             for layer in layers:
                 methods = layer.choices or ((layer.method,) if layer.rewrites else ())
                 kinds = [METHODS[m].statistic for m in methods if m in METHODS]
                 if kinds:
-                    requests[layer.name] = kinds
-            statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+                    linear = isinstance(tree.get_submodule(traced.module, layer.name), nn.Linear)
+                    (linears if linear else requests)[layer.name] = kinds
+            with linear_statistics(traced.module, linears) as statistics_of_linears:
+                statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+            statistics.update(statistics_of_linears)
     with timed(seconds, "ranks"):  # a latency target's cost model is measured here, so it counts as choosing ranks
         latency = None
         if recipe.target is not None and recipe.target.metric == "latency":
@@ -385,10 +389,13 @@ def _factorize_all(plan_: Plan, progress: bool | None = None) -> dict[str, nn.Se
     with layer_bar("decompose", len(rewriting), progress) as bar:
         for layer in rewriting:
             bar.advance(layer.name)
+            original = tree.get_submodule(module, layer.name)
             with timed(plan_.seconds, "decompose"):
-                stack = _factorize_layer(plan_, layer, tree.get_submodule(module, layer.name))
+                stack = _factorize_layer(plan_, layer, layers_conv_view(original))
             if stack is None:
                 continue
+            if isinstance(original, nn.Linear):
+                stack = as_linear_stack(original, stack)
             layer.init = plan_.init
             replacements[layer.name] = stack
     if plan_.calibration:

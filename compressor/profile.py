@@ -18,7 +18,8 @@ from compressor.layers import DecoupledSeparable
 
 @dataclass
 class CallShape:
-    """Spatial sizes (per sample) of one call of a conv: input (H, W) and output (H, W)."""
+    """Spatial sizes (per sample) of one call of a conv: input (H, W) and output (H, W); for a
+    Linear, ``(positions, 1)`` both, as for the 1x1 conv it equals (``layers.conv_view``)."""
 
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
@@ -68,6 +69,9 @@ def profile_model(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
                 )
                 profile.macs += _conv_macs(module, output)
             else:
+                # A Linear is a 1x1 conv over the positions of its input's leading dims (one for (N, in)).
+                positions = output[0].numel() // module.out_features
+                profile.calls.append(CallShape((positions, 1), (positions, 1)))
                 profile.macs += _linear_macs(module, output)
 
         return hook

@@ -20,6 +20,8 @@ A recipe is a YAML mapping validated by the pydantic models below::
         min_kernel_size: 3            # optional filter: kh >= n and kw >= n
         min_in_channels: 8            # optional filter
         min_out_channels: 8           # optional filter
+        layer_type: conv              # conv (default): nn.Conv2d layers; linear: nn.Linear layers instead, opt-in,
+                                      # only with method low_rank or keep, in/out features for the channel filters
     target: {macs: 0.4}               # optional global budget: {macs: f}, {params: f} or {latency: f}, 0 < f <= 1 of
                                       # the whole model; rules without a fixed rank are solved together
     data:                             # optional: how uint8 images and image folders are normalized
@@ -112,6 +114,8 @@ METHODS: tuple[str, ...] = ("depthwise_separable", "spatial_separable", "low_ran
 REGEX_PREFIX = "re:"
 
 Method = Literal["depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep"]
+#: The methods a ``layer_type: linear`` rule may name.
+LINEAR_METHODS = ("low_rank", "keep")
 assert get_args(Method) == METHODS  # keep the constant and the Literal in step
 
 # Strict: rejects bools, strings and floats instead of silently coercing them.
@@ -197,6 +201,10 @@ class Rule(BaseModel):
     min_kernel_size: Optional[PositiveStrictInt] = None
     min_in_channels: Optional[PositiveStrictInt] = None
     min_out_channels: Optional[PositiveStrictInt] = None
+    #: Which layers the rule selects: ``conv`` (``nn.Conv2d``) or ``linear`` (``nn.Linear``, whose
+    #: in/out features are the channels). A Linear is rewritten only by a rule that says so, so
+    #: ``match: "*"`` never reaches a model's classifier.
+    layer_type: Literal["conv", "linear"] = "conv"
 
     _index: Optional[int] = PrivateAttr(default=None)
 
@@ -291,6 +299,13 @@ class Rule(BaseModel):
             )
         if "grouped" in self.methods and isinstance(self.rank, int) and self.rank % self.groups != 0:
             raise ValueError(f"rank {self.rank} is not divisible by groups {self.groups}")
+        if self.layer_type == "linear":
+            other = [m for m in self.methods if m not in LINEAR_METHODS]
+            if other:
+                raise ValueError(f"layer_type linear takes method {' or '.join(LINEAR_METHODS)}; got {', '.join(other)}")
+            shaped = [key for key in ("kernel_size", "min_kernel_size") if getattr(self, key) is not None]
+            if shaped:
+                raise ValueError(f"{', '.join(shaped)} filter conv kernels; a layer_type linear rule has none")
         if isinstance(self.method, list) and self.rank is not None:
             raise ValueError(
                 f"a list of methods ({', '.join(self.method)}) leaves method and rank to the budget solver; "
@@ -337,9 +352,12 @@ class Rule(BaseModel):
         kernel_size: Union[tuple[int, int], int],
         in_channels: int,
         out_channels: int,
+        *,
+        linear: bool = False,
     ) -> bool:
-        """True when the name matches a pattern and the layer satisfies every filter the rule sets."""
-        if not self.matches_name(name):
+        """True when the name matches a pattern and the layer (an ``nn.Linear`` when ``linear``, with
+        kernel 1x1 and its features as channels) is of the rule's ``layer_type`` and passes its filters."""
+        if linear != (self.layer_type == "linear") or not self.matches_name(name):
             return False
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if self.kernel_size is not None and (kh, kw) != self.kernel_size:
@@ -609,10 +627,12 @@ class Recipe(BaseModel):
         kernel_size: Union[tuple[int, int], int],
         in_channels: int,
         out_channels: int,
+        *,
+        linear: bool = False,
     ) -> Optional[Rule]:
-        """The first rule that selects the layer, or ``None`` when no rule does."""
+        """The first rule that selects the layer (an ``nn.Linear`` when ``linear``), or ``None``."""
         for rule in self.rules:
-            if rule.selects(name, kernel_size, in_channels, out_channels):
+            if rule.selects(name, kernel_size, in_channels, out_channels, linear=linear):
                 return rule
         return None
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from compressor import threads, tree, walk
+from compressor import layers, threads, tree, walk
 from compressor.calibrate import Pairs, Refit, fit_last_factor_, paired_calls
 from compressor.joint_refit import patch_statistics, spatial_als_
 from compressor.passes import swap_
@@ -30,6 +30,10 @@ JOINT_METHOD = "spatial_separable"
 
 def refit_stack_(method: str, conv: nn.Conv2d, stack: nn.Sequential, pairs: Callable[[], Pairs]) -> Refit:
     """Refit ``stack`` (the factorization of ``conv`` by ``method``) in place on ``pairs()``."""
+    if isinstance(stack[-1], nn.Linear):
+        # low_rank of an nn.Linear: the same least squares on its 1x1 conv views, which write into the Linears.
+        views = nn.Sequential(*(layers.conv_view(linear) for linear in stack))
+        return fit_last_factor_(views, ((layers.as_conv_input(t), layers.as_conv_input(h), n) for t, h, n in pairs()))
     if method == JOINT_METHOD:
         statistics = patch_statistics(conv, pairs())
         size = statistics.gram.shape[0]

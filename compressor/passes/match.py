@@ -8,6 +8,7 @@ from torch import nn
 
 from compressor import tree
 from compressor.cpu import nchwc_block
+from compressor.layers import conv_view
 from compressor.errors import CompressorError, RecipeError
 from compressor.methods import METHODS, conv_macs, conv_params
 from compressor.passes.functional import match_functional_convs
@@ -105,47 +106,65 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     left unset (see :func:`compressor.allocate.assign_ranks`). Raises ``RecipeError`` for a rule
     that applies to no layer.
     """
-    convs = [(name, m) for name, m in tree.named_modules(module) if isinstance(m, nn.Conv2d)]
-    if not convs:
+    # nn.Linear layers are opt-in: only those a ``layer_type: linear`` rule names are planned (and
+    # reported), so recipes written for convs leave a model's classifier out of the plan as before.
+    linear_rules = [rule for rule in recipe.rules if rule.layer_type == "linear"]
+    convs = [
+        (name, m) for name, m in tree.named_modules(module)
+        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and any(rule.matches_name(name) for rule in linear_rules))
+    ]
+    if not any(isinstance(m, nn.Conv2d) for _, m in convs):
         functional = len(_functional_entries(module))
         extra = f" (only {functional} functional conv call(s) that cannot become one)" if functional else ""
         raise CompressorError(f"the model has no nn.Conv2d layer{extra}: nothing to compress")
     applied = [0] * len(recipe.rules)
     selected = [0] * len(recipe.rules)
     plans = []
-    for name, conv in convs:
+    for name, layer in convs:
         profile = profiles[name]
+        conv = conv_view(layer)
+        linear = isinstance(layer, nn.Linear)
         indices = [
             i
             for i, rule in enumerate(recipe.rules)
-            if rule.selects(name, tuple(conv.kernel_size), conv.in_channels, conv.out_channels)
+            if rule.selects(name, tuple(conv.kernel_size), conv.in_channels, conv.out_channels, linear=linear)
         ]
         for i in indices:
             selected[i] += 1
         if not indices:
-            plans.append(_conv_entry(name, conv, profile, reason=_unselected_reason(recipe.rules, name, conv)))
+            plans.append(_conv_entry(name, conv, profile, reason=_unselected_reason(recipe.rules, name, conv, linear)))
             continue
         index = indices[0]
         applied[index] += 1
         rule = recipe.rules[index]
-        plans.append(_plan_conv(name, conv, profile, rule, index, solved=recipe.target is not None and rule.solved))
+        if linear and type(layer) is not nn.Linear:
+            plan = _conv_entry(name, conv, profile, reason=f"{type(layer).__name__} subclasses nn.Linear; its forward may differ")
+            plan.rule = index
+        else:
+            plan = _plan_conv(name, conv, profile, rule, index, solved=recipe.target is not None and rule.solved)
+        if linear:
+            plan.add_note("nn.Linear; low_rank makes it two nn.Linear layers (in -> R, R -> out)")
+        plans.append(plan)
     for index, rule in enumerate(recipe.rules):
         if applied[index]:
             continue
         label = rule.describe(index)
         if selected[index]:
             raise RecipeError(f"{label} selects {selected[index]} layer(s), but earlier rules claim them all")
-        names = ", ".join(name for name, _ in convs) or "(none)"
+        if rule.layer_type == "linear":
+            names = ", ".join(name for name, m in tree.named_modules(module) if isinstance(m, nn.Linear)) or "(none)"
+            raise RecipeError(f"{label} matches no layer; the Linear layers are: {names}")
+        names = ", ".join(name for name, m in convs if isinstance(m, nn.Conv2d)) or "(none)"
         raise RecipeError(f"{label} matches no layer; the Conv2d layers are: {names}")
     return plans + _functional_entries(module)
 
 
-def _unselected_reason(rules, name: str, conv: nn.Conv2d) -> str:
-    """Why no rule selects ``name``: the filters of the first rule whose pattern matches it (a layer
-    kept by ``min_in_channels`` should say so), or that no pattern matches."""
+def _unselected_reason(rules, name: str, conv: nn.Conv2d, linear: bool = False) -> str:
+    """Why no rule selects ``name``: the filters of the first rule (of its layer type) whose pattern
+    matches it (a layer kept by ``min_in_channels`` should say so), or that no pattern matches."""
     kh, kw = conv.kernel_size
     for index, rule in enumerate(rules):
-        if not rule.matches_name(name):
+        if not rule.matches_name(name) or linear != (rule.layer_type == "linear"):
             continue
         unmet = []
         if rule.kernel_size is not None and (kh, kw) != tuple(rule.kernel_size):
