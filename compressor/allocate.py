@@ -5,7 +5,9 @@ rank, plus keep when the rule lists it) with their cost (MACs or params) and pre
 relative output error on the calibration statistics when there are any (whitened spectra, or
 whitened residuals for methods without a closed form), the relative weight error otherwise. Errors
 are squared before summing: a layer's squared relative error is the fraction of its output energy
-replaced by noise, and independent noise adds in energy. The multiple-choice knapsack
+replaced by noise, and independent noise adds in energy. With calibration data each layer's squared
+error is weighed by its end-to-end sensitivity (:mod:`compressor.sensitivity`), so the sum predicts
+how far the network's output moves, not only each layer's own. The multiple-choice knapsack
 (:func:`compressor.budget.solve`) then picks one candidate per layer, never above the budget.
 
 With ``target: {latency: f}`` a candidate's cost is its measured single-layer ONNX Runtime time
@@ -133,9 +135,10 @@ def _candidates(plan: LayerPlan, conv, profile, metric: str, statistics, latency
         if not ranks:
             continue
         errors = _predicted_errors(method, conv, ranks, plan.groups, whitening)
+        weight = 1.0 if plan.sensitivity is None else plan.sensitivity
         for rank, error in zip(ranks, errors):
             cost = costs[rank] if costs else _cost(metric, method, conv, profile, rank, plan.groups)
-            found.append(Candidate(cost, error**2, (name, rank, error)))
+            found.append(Candidate(cost, weight * error**2, (name, rank, error)))
     return found
 
 
@@ -251,6 +254,9 @@ def assign_ranks(
         "predicted_squared_error": predicted_total,
         "solved_layers": len(solved),
         "error_source": "calibration" if statistics else "weights",
+        # Whether each layer's squared error was weighed by its end-to-end sensitivity (then the
+        # predicted total is a distillation-loss increase, not a plain sum of squared errors).
+        "weighted_by": "output sensitivity" if any(p.sensitivity is not None for p in solved) else None,
         "curves": _error_curves(solved, choices),
     }
     if metric == "latency":

@@ -33,6 +33,7 @@ from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_func
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.progress import layers as layer_bar
 from compressor.refit import refit_all_
+from compressor.sensitivity import layer_sensitivities, sensitivity_batches
 from compressor.ranks import allowed_ranks
 from compressor.recipe import Recipe, load_recipe
 from compressor.caveats import plan_caveats
@@ -202,6 +203,14 @@ def plan(
                     (linears if linear else requests)[layer.name] = kinds
             with linear_statistics(traced.module, linears) as statistics_of_linears:
                 statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+            solved = [layer for layer in layers if layer.choices]
+            if recipe.target is not None and solved and settings.sensitivity_samples:
+                weights = layer_sensitivities(
+                    traced.module, [layer.name for layer in solved],
+                    sensitivity_batches(calibration, settings.sensitivity_samples), task_of(traced.module, example_input, recipe.task),
+                )
+                for layer in solved:
+                    layer.sensitivity = weights[layer.name]
             statistics.update(statistics_of_linears)
     with timed(seconds, "ranks"):  # a latency target's cost model is measured here, so it counts as choosing ranks
         latency = None

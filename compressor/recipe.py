@@ -476,6 +476,9 @@ class Calibration(BaseModel):
 
     samples: PositiveStrictInt = 512
     batch_size: PositiveStrictInt = 64
+    #: Calibration samples (of ``samples``) on which each layer's end-to-end sensitivity is measured
+    #: for the budget solver (one backward pass; see compressor/sensitivity.py); 0: plain sum of errors.
+    sensitivity_samples: Annotated[int, Field(strict=True, ge=0)] = 128
 
 
 class FineTune(BaseModel):

@@ -29,17 +29,18 @@ LAYER_KEYS = (
     "skipped_reason",
     "note",
 )
-"""The stable per-layer keys of report.json; extra keys (groups, rule, calls, choices) follow them.
+"""The stable per-layer keys of report.json; extra keys (groups, rule, calls, choices, sensitivity) follow them.
 
 ``output_rel_error`` is measured on the calibration data (``None`` without it);
-``predicted_error`` is the relative error the rank was chosen by (whitened with data).
+``predicted_error`` is the relative error the rank was chosen by (whitened with data);
+``sensitivity`` is what the budget solver weighed its square by (compressor/sensitivity.py).
 """
 
 
 def layer_record(plan: LayerPlan) -> dict:
     record = {key: getattr(plan, key) for key in LAYER_KEYS}
     record["kernel"] = list(plan.kernel) if plan.kernel else None
-    record.update(groups=plan.groups, rule=plan.rule, calls=plan.calls, choices=list(plan.choices))
+    record.update(groups=plan.groups, rule=plan.rule, calls=plan.calls, choices=list(plan.choices), sensitivity=plan.sensitivity)
     return record
 
 

@@ -39,6 +39,9 @@ class LayerPlan:
     output_rel_error: float | None = None
     #: The (whitened) relative error the rank choice was based on.
     predicted_error: float | None = None
+    #: Predicted distillation-loss increase per unit squared ``predicted_error`` (compressor.sensitivity);
+    #: the budget solver weighs this layer's error by it. ``None``: unweighted (no calibration data).
+    sensitivity: float | None = None
     init: str | None = None
     note: str | None = None
     round_to: int | None = None
