@@ -1,0 +1,196 @@
+"""Accuracy at a measured speed, on images the model never saw: the issue-15 plans, one run each.
+
+Each plan is one ``compressor.compress`` + ``Result.save`` of a shared pretrained CIFAR-10 ResNet (see
+../shared/data/README.md), as the CLI would run it:
+
+* ``--data``: ``cifar10-train-jpeg-20000.npz`` (training images): calibration takes its first
+  ``calibration.samples``; a fine-tuning plan holds out ``finetune.holdout`` of it to pick weights on
+  and trains on the rest;
+* held-out accuracy: ``cifar10-test-jpeg-9154.npz`` (test images no model here trained on, never used
+  for a choice), original and compressed on the same images; the drop is paired (per image, compressed
+  correct minus original correct) and given with its standard error;
+* speed: ONNX Runtime at 1 thread, original vs compressed alternating, medians (the report's ``latency``).
+
+Writes the ``accuracy`` section of BENCHMARKS.md (``--out``) and prints one JSON line per plan::
+
+    .venv/bin/python scripts/benchmark_accuracy.py --model resnet32 --plans macs-0.5 macs-0.33-ft latency-0.5-ft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from compressor import compress, zoo  # noqa: E402
+from compressor.data import load_data  # noqa: E402
+from benchmarks_md import replace_section  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+BLOCKS = {"resnet20": (3, 3, 3), "resnet32": (5, 5, 5)}
+#: Every method that rewrites a 3x3 conv of these models, plus keep; the stem (3 input channels) and
+#: the classifier stay.
+ALL_METHODS = ["spatial_separable", "depthwise_separable", "grouped", "low_rank", "keep"]
+
+
+def plan_recipe(plan: str, args) -> dict:
+    """``macs-F``, ``latency-F`` (target fraction F), ``mobile`` (recipes/mobile.yaml as shipped), with
+    ``-ft`` for the fine-tune and ``-plain`` for the unweighted sum of errors (no sensitivity)."""
+    parts = plan.split("-")
+    finetune = "ft" in parts
+    plain = "plain" in parts
+    if parts[0] == "mobile":
+        from compressor.recipe import load_recipe
+
+        recipe = load_recipe(ROOT / "recipes" / "mobile.yaml").model_dump(mode="json", exclude_none=True)
+        recipe.pop("finetune", None)
+        finetune = True
+    else:
+        metric, fraction = parts[0], float(parts[1])
+        recipe = {
+            "name": plan,
+            "rules": [{"match": "layer*", "method": ALL_METHODS, "min_in_channels": 8}],
+            "target": {metric: 1 / 3 if abs(fraction - 0.33) < 1e-9 else fraction},
+        }
+    recipe["input_shape"] = [1, 3, 32, 32]
+    recipe["calibration"] = {"samples": args.calibration, "batch_size": 128}
+    if plain:
+        recipe["calibration"]["sensitivity_samples"] = 0
+    recipe["export"] = {"opset": 17, "tolerance": 1e-3}
+    recipe["bench"] = {"threads": [1], "runs": args.runs}
+    if finetune:
+        recipe["finetune"] = {"max_minutes": args.finetune_minutes}
+    return recipe
+
+
+def _model(name: str) -> torch.nn.Module:
+    model = zoo.CifarResNet(BLOCKS[name])
+    model.load_state_dict(torch.load(DATA / f"{name}-cifar10.pth", weights_only=True))
+    return model.eval()
+
+
+def paired_drop(original: torch.nn.Module, compressed: torch.nn.Module, test) -> dict:
+    """Accuracies of both models on every test image, and the paired drop with its standard error."""
+    correct = {"original": [], "compressed": []}
+    with torch.no_grad():
+        for inputs, labels in test.batches(500):
+            for name, model in (("original", original), ("compressed", compressed)):
+                correct[name].append((model(inputs).argmax(1) == labels).double())
+    before, after = torch.cat(correct["original"]), torch.cat(correct["compressed"])
+    difference = after - before
+    count = difference.numel()
+    return {
+        "samples": count,
+        "accuracy_original": float(before.mean()),
+        "accuracy_compressed": float(after.mean()),
+        "drop_pt": 100 * float(difference.mean()),
+        "drop_se_pt": 100 * float(difference.std(unbiased=True)) / math.sqrt(count),
+    }
+
+
+def run_plan(plan: str, args) -> dict:
+    model = _model(args.model)
+    train = load_data(DATA / "cifar10-train-jpeg-20000.npz", input_shape=[1, 3, 32, 32])
+    test = load_data(DATA / "cifar10-test-jpeg-9154.npz", input_shape=[1, 3, 32, 32])
+    load = os.getloadavg()
+    started = time.perf_counter()
+    result = compress(model, plan_recipe(plan, args), torch.zeros(1, 3, 32, 32), data=train, progress=False)
+    with tempfile.TemporaryDirectory() as out:
+        result.save(out)
+    wall = time.perf_counter() - started
+    report = result.report
+    latency = report["latency"][0]
+    tuned = report.get("finetune") or {}
+    row = {
+        "model": args.model,
+        "plan": plan,
+        "macs_ratio": report["totals"]["macs_ratio"],
+        "speedup_1_thread": latency["speedup"],
+        "original_ms": latency["original_ms"],
+        "compressed_ms": latency["compressed_ms"],
+        **paired_drop(result.original, result.model, test),
+        "finetune_seconds": tuned.get("seconds"),
+        "finetune_budget_seconds": None if not tuned.get("budget") else tuned["budget"]["max_minutes"] * 60,
+        "finetune_steps": tuned.get("steps"),
+        "finetune_epochs": tuned.get("epochs"),
+        "methods": sorted({layer["method"] for layer in report["layers"] if layer["method"] != "keep"}),
+        "weighted_by": (report.get("target") or {}).get("weighted_by"),
+        "wall_s": wall,
+        "seconds": report["seconds"],
+        "load_before": [round(v, 2) for v in load],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def render(rows: list[dict], args, seconds: float) -> list[str]:
+    lines = [
+        "## Accuracy at measured speed, on held-out test images",
+        "",
+        f"Produced by `python scripts/benchmark_accuracy.py --model {args.model} --plans {' '.join(args.plans)}"
+        f" --finetune-minutes {args.finetune_minutes:g}` in {seconds / 60:.1f} minutes on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}), {time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {torch.get_num_threads()} torch threads.",
+        "",
+        f"Shared pretrained CIFAR-10 {args.model}. Calibration and fine-tuning on training images "
+        f"(`cifar10-train-jpeg-20000.npz`, {args.calibration} calibration images; the fine-tune picks its weights "
+        "on a held-out tenth of them); accuracy on the 9154 held-out test images (`cifar10-test-jpeg-9154.npz`), "
+        "original and compressed on the same images: the drop is paired, ± its standard error. Speedup: ONNX "
+        "Runtime at 1 thread, original vs compressed alternating, medians. Plans: `macs-F` / `latency-F` solve "
+        "a whole-model target with every method (spatial, depthwise, grouped, low_rank, keep) per layer, "
+        "data-aware, errors weighted by end-to-end sensitivity; `-plain` sums unweighted errors instead; "
+        "`-ft` adds the fine-tune; `mobile` is recipes/mobile.yaml as shipped.",
+        "",
+        "| plan | MACs kept | speedup (1 thr) | acc. original | acc. compressed | drop (pt) | fine-tune s (budget) | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tuned = "-" if r["finetune_seconds"] is None else f"{r['finetune_seconds']:.0f} ({r['finetune_budget_seconds']:.0f})"
+        lines.append(
+            f"| {r['plan']} | {r['macs_ratio']:.3f} | {r['speedup_1_thread']:.2f}x | {100 * r['accuracy_original']:.2f} | "
+            f"{100 * r['accuracy_compressed']:.2f} | {r['drop_pt']:+.2f} ± {r['drop_se_pt']:.2f} | {tuned} | "
+            f"{r['load_before'][0]:.2f} |"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet32", choices=sorted(BLOCKS))
+    parser.add_argument("--plans", nargs="+", default=["macs-0.5", "macs-0.33-ft", "latency-0.5-ft"])
+    parser.add_argument("--finetune-minutes", type=float, default=10.0)
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=100, help="ONNX Runtime timing rounds per model")
+    parser.add_argument("--out", type=Path, help="write the accuracy section of this markdown file (BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, help="append the rows here")
+    args = parser.parse_args()
+    if not (DATA / "cifar10-test-jpeg-9154.npz").is_file():
+        print(f"no shared data at {DATA}: this benchmark needs ../shared/data (see its README.md)", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows = []
+    for plan in args.plans:
+        rows.append(run_plan(plan, args))
+        if args.json:
+            with args.json.open("a") as handle:
+                handle.write(json.dumps(rows[-1]) + "\n")
+    if args.out:
+        replace_section(args.out, "accuracy", render(rows, args, time.perf_counter() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
