@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compressor import decompose, layers
+from compressor.estimate import tucker2_errors
 from compressor.decompose.block_term import block_term_full_rank
 from compressor.decompose.cp import cp_full_rank
 from compressor.decompose.depthwise import depthwise_separable_full_rank, depthwise_separable_spectrum
@@ -285,8 +286,6 @@ class Grouped(Method):
         if conv.groups == 1:
             return super().predicted_errors(conv, ranks, groups, whitening)
         # Groups are independent: squared errors add, and each group's comes from its truncated HOSVD.
-        from compressor.estimate import tucker2_errors
-
         weight = self.whitened_weight(conv.weight, whitening)
         rows = weight.shape[0] // conv.groups
         blocks = [weight[g * rows:(g + 1) * rows] for g in range(conv.groups)]

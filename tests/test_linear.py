@@ -159,7 +159,8 @@ def test_linear_rule_compresses_end_to_end_with_refit_and_onnx_parity(tmp_path):
     assert aware.report["onnx"]["passed"] and parity.rel < 1e-5, aware.report["onnx"]
 
 
-def test_budget_counts_linear_macs_and_may_keep_them():
+@pytest.mark.parametrize("aware", [False, True], ids=["weights", "data"])
+def test_budget_counts_linear_macs_and_may_keep_them(aware):
     model = zoo.randomize_batchnorm(_Head()).eval()
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     recipe = {
@@ -168,8 +169,10 @@ def test_budget_counts_linear_macs_and_may_keep_them():
             {"match": "tokens", "layer_type": "linear", "method": ["low_rank", "keep"]},
         ],
         "target": {"macs": 0.6},
+        "calibration": {"samples": 32},
     }
-    result = compressor.compress(model, recipe, x)
+    data = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)] if aware else None
+    result = compressor.compress(model, recipe, x, data=data)
     layers_ = {layer["name"]: layer for layer in result.report["layers"]}
     planned = sum(layer["macs_after"] for layer in layers_.values())
     assert result.report["totals"]["macs_ratio"] <= 0.6 + 1e-9, result.report["totals"]
