@@ -11,13 +11,14 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from compressor.errors import CompressorError, ExportError
+from compressor.progress import layers as progress_bar
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -158,6 +159,7 @@ def benchmark(
     warmup: int = 5,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     extra: Mapping[str, str | Path] | None = None,
+    started: Callable[[str], None] = lambda setting: None,
 ) -> list[dict]:
     """One record per thread setting: ``{threads, batch, original_ms, compressed_ms, speedup, ...}``.
 
@@ -177,6 +179,7 @@ def benchmark(
     paths.update(extra or {})
     records = []
     for count in threads:
+        started(f"{count or 'all'} thread{'s' if count != 1 else ''}: {', '.join(paths)}")
         timed = time_models(paths, input_shape, threads=count, runs=runs, warmup=warmup, providers=providers)
         record: dict = {
             "threads": count,
@@ -207,18 +210,20 @@ def threads_label(threads: int) -> str:
     return f"all ({os.cpu_count()} cores)" if threads == 0 else str(threads)
 
 
-def latency_step(report: dict, recipe, out: Path, int8_path: Path | None = None) -> None:
+def latency_step(report: dict, recipe, out: Path, int8_path: Path | None = None, progress: bool | None = None) -> None:
     """Benchmark ``out``/original.onnx vs compressed.onnx (and the INT8 model) as the recipe's
-    ``bench`` says; record ``latency`` and, under a latency target, the measured ``achieved``."""
+    ``bench`` says; record ``latency`` and, under a latency target, the measured ``achieved``.
+    ``progress``: a bar per thread setting (default: when stderr is a terminal)."""
     settings = recipe.bench
     if settings.runs <= 0 or not settings.threads:
         report["latency_skipped"] = "bench.runs is 0 or bench.threads is empty"
         return
     extra = {"int8": int8_path} if int8_path is not None else None
-    report["latency"] = benchmark(
-        out / "original.onnx", out / "compressed.onnx", report["input_shape"], threads=settings.threads,
-        runs=settings.runs, warmup=settings.warmup, providers=settings.providers, extra=extra,
-    )
+    with progress_bar("latency", len(settings.threads), progress) as bar:
+        report["latency"] = benchmark(
+            out / "original.onnx", out / "compressed.onnx", report["input_shape"], threads=settings.threads,
+            runs=settings.runs, warmup=settings.warmup, providers=settings.providers, extra=extra, started=bar.advance,
+        )
     report["advice"] = deployment_advice(report["latency"])
     target = report.get("target")
     if target and target["metric"] == "latency":

@@ -55,16 +55,16 @@ def patch_statistics(conv: nn.Conv2d, pairs: Pairs) -> PatchStatistics:
     gram = torch.zeros(size, size, dtype=torch.float64)
     cross = torch.zeros(conv.out_channels, size, dtype=torch.float64)
     energy, samples = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), calibrate.reused_buffers():
         for target, hidden, batch_size in pairs:
             samples += batch_size
             step = calibrate.chunk_samples(hidden, taps)
             for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
                 # float64 products: errors are read as differences of these sums (see fit_last_factor_)
-                columns = calibrate.patch_columns(part_hidden, geometry, torch.float64)
-                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, torch.float64)
+                columns = calibrate.patch_columns(part_hidden, geometry, torch.float64, slot="patches")
+                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, torch.float64, slot="targets")
                 calibrate.add_products(gram, cross, columns, wanted, with_constant=True)
-                energy += float((wanted**2).sum())
+                energy += float(torch.dot(wanted.reshape(-1), wanted.reshape(-1)))
     cross = cross.T.contiguous()
     return PatchStatistics(gram, cross, energy, samples)
 

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,8 +201,10 @@ def plan(
                 if kinds:
                     linear = isinstance(tree.get_submodule(traced.module, layer.name), nn.Linear)
                     (linears if linear else requests)[layer.name] = kinds
-            with linear_statistics(traced.module, linears) as statistics_of_linears:
-                statistics = collect_statistics(traced.module, requests, lambda: iter(calibration))
+            with linear_statistics(traced.module, linears) as statistics_of_linears, layer_bar(
+                "calibrate", len(calibration) * len(requests), progress
+            ) as bar:
+                statistics = collect_statistics(traced.module, requests, lambda: iter(calibration), started=bar.advance)
             solved = [layer for layer in layers if layer.choices]
             if recipe.target is not None and solved and settings.sensitivity_samples:
                 weights = layer_sensitivities(
@@ -239,8 +241,12 @@ class Result:
     calibration: list[torch.Tensor] | None = field(default=None, repr=False)
     #: What the outputs are (see :mod:`compressor.task`); ``None``: detected again where needed.
     task: Task | None = field(default=None, repr=False)
+    #: A bar per export and latency step in :meth:`save` (``None``: when stderr is a terminal).
+    progress: bool | None = field(default=None, repr=False)
 
-    def export_onnx(self, path: str | Path, *, original_path: str | Path | None = None) -> onnx_export.Parity:
+    def export_onnx(
+        self, path: str | Path, *, original_path: str | Path | None = None, started: Callable[[str], None] = lambda name: None
+    ) -> onnx_export.Parity:
         """Export the compressed model (and optionally the original) and verify it in ONNX Runtime.
 
         Records the paths and parity numbers in ``report["onnx"]``; raises ``ParityError`` (after
@@ -251,6 +257,7 @@ class Result:
         batch = onnx_export.parity_batch(self.example_input)
         record: dict = {"opset": settings.opset, "tolerance": settings.tolerance, "batch_size": batch.shape[0]}
         if original_path is not None:
+            started(Path(original_path).name)
             with timed(seconds, "export"):
                 onnx_export.export_onnx(self.original, self.example_input, original_path, settings.opset)
             with timed(seconds, "verify"):
@@ -261,6 +268,7 @@ class Result:
                 original_parity_rel=original_parity.rel,
                 original_parity_rel_outputs=original_parity.outputs,
             )
+        started(Path(path).name)
         with timed(seconds, "export"):
             onnx_export.export_onnx(self.model, self.example_input, path, settings.opset)
         with timed(seconds, "verify"):
@@ -306,22 +314,26 @@ class Result:
                 f"cannot pickle the compressed model to {out / 'compressed.pt'}: {describe_error(err)}"
             ) from err
         try:
-            if exported_program:
-                with timed(seconds, "export"):  # save_exported also reloads and compares, a check it cannot skip
-                    rel = save_exported(self.model, self.example_input, out / EXPORTED_PROGRAM_FILE)
-                self.report["pt2"] = {"path": str(Path(final_dir or out) / EXPORTED_PROGRAM_FILE), "parity_rel": rel}
-                if not rel <= self.recipe.export.tolerance:
-                    raise ParityError(
-                        f"the reloaded {EXPORTED_PROGRAM_FILE} disagrees with the compressed model: relative error {rel:.3e}"
-                    )
-            self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
             # Steps the recipe turned off get no time entry, so a report never shows a phase that did not run.
             quantizing = self.recipe.export.quantize != "none"
             benchmarking = self.recipe.bench.runs > 0 and bool(self.recipe.bench.threads)
-            with timed(seconds, "int8") if quantizing else nullcontext():
-                int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
+            with layer_bar("export", 2 + int(exported_program) + int(quantizing), self.progress) as bar:
+                if exported_program:
+                    bar.advance(EXPORTED_PROGRAM_FILE)
+                    with timed(seconds, "export"):  # save_exported also reloads and compares, a check it cannot skip
+                        rel = save_exported(self.model, self.example_input, out / EXPORTED_PROGRAM_FILE)
+                    self.report["pt2"] = {"path": str(Path(final_dir or out) / EXPORTED_PROGRAM_FILE), "parity_rel": rel}
+                    if not rel <= self.recipe.export.tolerance:
+                        raise ParityError(
+                            f"the reloaded {EXPORTED_PROGRAM_FILE} disagrees with the compressed model: relative error {rel:.3e}"
+                        )
+                self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx", started=bar.advance)
+                if quantizing:
+                    bar.advance(INT8_FILE)
+                with timed(seconds, "int8") if quantizing else nullcontext():
+                    int8_path = int8_step(self, out, Path(final_dir) if final_dir is not None else None)
             with timed(seconds, "latency") if benchmarking else nullcontext():
-                latency_step(self.report, self.recipe, out, int8_path)
+                latency_step(self.report, self.recipe, out, int8_path, progress=self.progress)
         finally:
             onnx = self.report.get("onnx")
             if final_dir is not None and onnx:
@@ -505,5 +517,5 @@ def compress(
     log.info("compressed in %.1fs; Result.save() exports, verifies and benchmarks", seconds["total"])
     return Result(
         compressed, report, original, example_input, layer_plan.recipe, eval_batches, calibration=layer_plan.calibration,
-        task=task,
+        task=task, progress=progress,
     )

@@ -11,6 +11,15 @@ training images, choose ranks, factorize and refit, export and verify ONNX. Held
 (``cifar10-test-jpeg-9154.npz``, never used for calibration) is measured afterwards, outside the
 timed region and after peak memory is read. Prints one JSON line; the load average is in it,
 because the machine is shared and timings are noisy.
+
+To compare checkouts on a busy machine, ``--compare A B --repeats 3`` runs the same measurement
+in a fresh process per run, alternating A, B, A, B, ... (each with ``PYTHONPATH`` set to its
+checkout), and prints every row, then per checkout the median of each phase's seconds, of the
+wall and CPU seconds and of peak memory, and the ratio of B's medians to A's::
+
+    git worktree add /tmp/before <commit>; git worktree add /tmp/after <commit>
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python scripts/benchmark_tooltime.py --threads 1 \
+        --compare /tmp/before /tmp/after --repeats 3
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import argparse
 import json
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +82,32 @@ def _data(args, shape) -> tuple[list, list | None]:
     return calibration, held
 
 
+def _count_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process per phase (all threads), filled as the run goes.
+
+    Wraps the ``timed`` the pipeline imported, so it works on older checkouts too. On a shared
+    machine a phase's wall time mostly measures the neighbours; its CPU time does not.
+    """
+    import contextlib
+
+    from compressor import phases, pipeline
+
+    cpu: dict[str, float] = {}
+    original = phases.timed
+
+    @contextlib.contextmanager
+    def timed(seconds, phase):
+        started = time.process_time()
+        try:
+            with original(seconds, phase):
+                yield
+        finally:
+            cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - started
+
+    pipeline.timed = timed
+    return cpu
+
+
 def _recipe(args) -> dict:
     rule = {"match": args.match, "method": args.methods.split(",")}
     if args.rank is not None:
@@ -99,7 +136,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--label", default="")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="two checkouts to alternate")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per checkout with --compare")
     args = parser.parse_args()
+    if args.compare:
+        return _compare(args)
     if args.rank is not None:
         args.target = None
     if args.threads:
@@ -112,6 +153,7 @@ def main() -> int:
     model, shape = _model(args.model, args.data_dir)
     calibration, held = _data(args, shape)
     example = example_input_for(model, shape)
+    cpu_by_phase = _count_cpu_seconds()
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
@@ -136,9 +178,16 @@ def main() -> int:
         "cpu_s": round(cpu, 2),
         "peak_rss_mib": round(peak_mib),
         "seconds": {k: round(v, 2) for k, v in result.report["seconds"].items()},
+        "cpu_seconds": {k: round(v, 2) for k, v in cpu_by_phase.items()},
         "planned_ratio": (result.report.get("target") or {}).get("planned_ratio"),
         "achieved": (result.report.get("target") or {}).get("achieved"),
         "methods": sorted({layer["method"] for layer in result.report["layers"] if layer.get("rank")}),
+        # What the run decided, to compare checkouts: method, rank and refitted output error per layer.
+        "plan": {
+            layer["name"]: [layer["method"], layer.get("rank"), layer.get("output_rel_error") and round(layer["output_rel_error"], 6)]
+            for layer in result.report["layers"]
+            if layer.get("rank")
+        },
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in load_after],
     }
@@ -146,6 +195,43 @@ def main() -> int:
         metrics = evaluate(result.original, result.model, held)
         row["heldout"] = {k: metrics[k] for k in ("samples", "accuracy_original", "accuracy_compressed", "agreement")}
     print(json.dumps(row))
+    return 0
+
+
+def _compare(args) -> int:
+    """Alternate fresh processes over the two checkouts; medians per checkout and B/A ratios."""
+    forwarded = [a for a in sys.argv[1:]]
+    at = forwarded.index("--compare")
+    del forwarded[at : at + 3]
+    if "--repeats" in forwarded:
+        at = forwarded.index("--repeats")
+        del forwarded[at : at + 2]
+    rows: dict[str, list[dict]] = {str(c): [] for c in args.compare}
+    for repeat in range(args.repeats):
+        for checkout in args.compare:
+            env = os.environ | {"PYTHONPATH": str(checkout.resolve())}
+            command = [sys.executable, __file__, *forwarded, "--data-dir", str(args.data_dir), "--label", f"{checkout.name}#{repeat}"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[str(checkout)].append(row)
+            print(json.dumps(row), flush=True)
+    medians = {}
+    for checkout, runs in rows.items():
+        phases = {k for run in runs for k in run["seconds"]}
+        medians[checkout] = {
+            "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+            "seconds": {k: round(statistics.median(r["seconds"].get(k, 0.0) for r in runs), 2) for k in sorted(phases)},
+            "cpu_seconds": {k: round(statistics.median(r.get("cpu_seconds", {}).get(k, 0.0) for r in runs), 2) for k in sorted(phases) if k != "total"},
+            "loadavg_1min": [r["loadavg_before"][0] for r in runs],
+            "heldout": runs[-1].get("heldout"),
+        }
+    first, second = (medians[str(c)] for c in args.compare)
+    ratios = {k: round(second[k] / first[k], 3) for k in ("wall_s", "cpu_s", "peak_rss_mib") if first[k]}
+    for key in ("seconds", "cpu_seconds"):
+        ratios[key] = {k: round(v / first[key][k], 3) for k, v in second[key].items() if first[key].get(k)}
+    print(json.dumps({"medians": medians, "ratio_B_over_A": ratios}, indent=1))
     return 0
 
 

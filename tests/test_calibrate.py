@@ -315,3 +315,16 @@ def test_refit_sums_match_a_direct_im2col(kernel, stride, padding, dilation):
     assert _relative(got, solved) < 1e-5, f"weights differ from lstsq by {_relative(got, solved):.2e}"
     residual = float((wanted - solved @ patches).norm() / wanted.norm())
     assert refit.error_after == pytest.approx(residual, rel=1e-6), (refit, residual)
+
+
+def test_whitening_is_kept_until_more_vectors_arrive():
+    """The budget and the decomposition ask for the same whitening several times: one eigh per kind."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    inputs = torch.randn(4, 3, 6, 6)
+    stats = collect_statistics(nn.Sequential(conv), {"0": ["channels"]}, lambda: inputs.split(2))["0"]
+    first = stats.whitening("channels")
+    assert stats.whitening("channels") is first
+    stats.sums["channels"] = stats.sums["channels"] * 2
+    stats.counts["channels"] *= 2
+    again = stats.whitening("channels")
+    assert again is not first and torch.allclose(again.root, first.root)
