@@ -506,15 +506,16 @@ class FineTune(BaseModel):
     #: Weight of the distillation (KL) term against cross-entropy when labels exist; 1 ignores labels.
     alpha: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)] = 0.7
     #: Weight of the per-layer term matching each rewritten layer's output to the original layer's.
-    feature_weight: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 1.0
+    #: Off by default: on held-out images it recovered less per minute than the output distillation alone.
+    feature_weight: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 0.0
     #: ``frozen``: BatchNorm keeps the original running statistics; ``train``: they are re-estimated.
     batchnorm: Literal["frozen", "train"] = "frozen"
     #: Random crop (zero padding of 1/8 of the side) and horizontal flip; unset: on for 1- and 3-channel inputs.
     augment: Optional[bool] = None
-    #: Held-out part of ``--data`` (a count, or a fraction < 1) when no ``--eval-data`` is given.
+    #: Held-out part of ``--data`` (a count, or a fraction < 1) the best weights are picked on.
     holdout: Union[int, float] = 0.1
     #: Held-out evaluations spread over the budget; the best weights seen are kept.
-    evaluations: PositiveStrictInt = 10
+    evaluations: PositiveStrictInt = 2
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
 
     @field_validator("holdout", mode="before")
