@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import compressor
 from compressor import layers, zoo
@@ -177,3 +178,39 @@ def test_budget_counts_linear_macs_and_may_keep_them(aware):
     planned = sum(layer["macs_after"] for layer in layers_.values())
     assert result.report["totals"]["macs_ratio"] <= 0.6 + 1e-9, result.report["totals"]
     assert result.report["totals"]["macs_after"] == planned + 48 * 32 + 10 * 48, (result.report["totals"], planned)
+
+
+
+def _subclassed(kind: str) -> nn.Linear:
+    """Subclasses that tracing keeps as leaves (torch.nn's own): attention's out_proj class, and
+    what a parametrization (weight norm) makes of a Linear."""
+    if kind == "out_proj":
+        return NonDynamicallyQuantizableLinear(16, 12)
+    return nn.utils.parametrizations.weight_norm(nn.Linear(16, 12))
+
+
+@pytest.mark.parametrize("kind", ["out_proj", "weight_norm"])
+@pytest.mark.parametrize("selected", [True, False], ids=["selected", "filtered"])
+def test_a_linear_subclass_a_linear_rule_names_is_kept_with_the_reason(kind, selected):
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.fc = _subclassed(kind)
+            self.plain = nn.Linear(12, 24)
+
+        def forward(self, x):
+            return self.plain(self.fc(self.conv(x).mean((2, 3))))
+
+    model = Model().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # "filtered": the rule names fc but min_out_channels leaves it out (the unselected-reason path).
+    rule = {"match": ["fc", "plain"], "layer_type": "linear", "method": "low_rank", "rank": 4}
+    if not selected:
+        rule["min_out_channels"] = 20
+    result = compressor.compress(model, {"rules": [{"match": "*", "method": "keep"}, rule]}, x)
+    by_name = {layer["name"]: layer for layer in result.report["layers"]}
+    fc, expected = by_name["fc"], "subclasses nn.Linear" if selected else "min_out_channels 20"
+    assert fc["method"] == "keep" and expected in (fc["skipped_reason"] or "") and fc["macs_before"] == 16 * 12, fc
+    assert by_name["plain"]["method"] == "low_rank", by_name["plain"]
+    assert isinstance(result.model.get_submodule("fc"), type(model.fc)), type(result.model.get_submodule("fc"))

@@ -125,8 +125,8 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
     plans = []
     for name, layer in convs:
         profile = profiles[name]
-        conv = conv_view(layer)
         linear = isinstance(layer, nn.Linear)
+        conv = _shape_view(layer) if linear and type(layer) is not nn.Linear else conv_view(layer)
         indices = [
             i
             for i, rule in enumerate(recipe.rules)
@@ -160,6 +160,13 @@ def plan_layers(module: nn.Module, recipe, profiles: dict[str, LayerProfile]) ->
         names = ", ".join(name for name, m in convs if isinstance(m, nn.Conv2d)) or "(none)"
         raise RecipeError(f"{label} matches no layer; the Conv2d layers are: {names}")
     return plans + _functional_entries(module)
+
+
+def _shape_view(linear: nn.Linear) -> nn.Conv2d:
+    """A weightless (meta) 1x1 conv of a Linear subclass's shape, for its report entry only: such a
+    layer is never rewritten, and its weight may be computed or stored otherwise than ``(out, in)``,
+    so :func:`conv_view` (which views that weight) does not apply to it."""
+    return nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None, device="meta")
 
 
 def _unselected_reason(rules, name: str, conv: nn.Conv2d, linear: bool = False) -> str:
