@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,9 +244,7 @@ class Result:
     #: A bar per export and latency step in :meth:`save` (``None``: when stderr is a terminal).
     progress: bool | None = field(default=None, repr=False)
 
-    def export_onnx(
-        self, path: str | Path, *, original_path: str | Path | None = None, started: Callable[[str], None] = lambda name: None
-    ) -> onnx_export.Parity:
+    def export_onnx(self, path: str | Path, *, original_path: str | Path | None = None) -> onnx_export.Parity:
         """Export the compressed model (and optionally the original) and verify it in ONNX Runtime.
 
         Records the paths and parity numbers in ``report["onnx"]``; raises ``ParityError`` (after
@@ -257,7 +255,6 @@ class Result:
         batch = onnx_export.parity_batch(self.example_input)
         record: dict = {"opset": settings.opset, "tolerance": settings.tolerance, "batch_size": batch.shape[0]}
         if original_path is not None:
-            started(Path(original_path).name)
             with timed(seconds, "export"):
                 onnx_export.export_onnx(self.original, self.example_input, original_path, settings.opset)
             with timed(seconds, "verify"):
@@ -268,7 +265,6 @@ class Result:
                 original_parity_rel=original_parity.rel,
                 original_parity_rel_outputs=original_parity.outputs,
             )
-        started(Path(path).name)
         with timed(seconds, "export"):
             onnx_export.export_onnx(self.model, self.example_input, path, settings.opset)
         with timed(seconds, "verify"):
@@ -317,7 +313,7 @@ class Result:
             # Steps the recipe turned off get no time entry, so a report never shows a phase that did not run.
             quantizing = self.recipe.export.quantize != "none"
             benchmarking = self.recipe.bench.runs > 0 and bool(self.recipe.bench.threads)
-            with layer_bar("export", 2 + int(exported_program) + int(quantizing), self.progress) as bar:
+            with layer_bar("export", 1 + int(exported_program) + int(quantizing), self.progress) as bar:
                 if exported_program:
                     bar.advance(EXPORTED_PROGRAM_FILE)
                     with timed(seconds, "export"):  # save_exported also reloads and compares, a check it cannot skip
@@ -327,7 +323,8 @@ class Result:
                         raise ParityError(
                             f"the reloaded {EXPORTED_PROGRAM_FILE} disagrees with the compressed model: relative error {rel:.3e}"
                         )
-                self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx", started=bar.advance)
+                bar.advance("original.onnx, compressed.onnx")
+                self.export_onnx(out / "compressed.onnx", original_path=out / "original.onnx")
                 if quantizing:
                     bar.advance(INT8_FILE)
                 with timed(seconds, "int8") if quantizing else nullcontext():

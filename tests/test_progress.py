@@ -59,5 +59,5 @@ def test_calibrate_export_and_latency_have_bars_naming_their_step(monkeypatch, t
     layers = [layer["name"] for layer in result.report["layers"] if layer.get("rank")]
     calibrated = set(seen["calibrate"])  # each requested layer once per calibration batch
     assert set(layers) <= calibrated and len(seen["calibrate"]) == 2 * len(calibrated), (layers, seen["calibrate"])
-    assert seen["export"] == ["original.onnx", "compressed.onnx"], seen["export"]
+    assert seen["export"] == ["original.onnx, compressed.onnx"], seen["export"]
     assert seen["latency"] == ["1 thread: original, compressed"], seen["latency"]
