@@ -16,10 +16,12 @@ when that layer's output carries a relative error ``e_l``:
 * other outputs (the normalized MSE of the distillation loss): ``F = J^T J / ||t||^2``, measured with a
   Gaussian probe ``r`` (``E ||J^T r||^2 = ||J||_F^2``, Hutchinson 1989).
 
-Decomposition errors are unknown before the ranks are chosen, so the error is taken as spread evenly
-over the layer's ``D`` output elements: ``E[d^T F d] = e^2 ||y||^2 tr(F) / D``, per sample, which is
-what is accumulated. Samples are independent in eval mode (BatchNorm uses running statistics), so the
-per-sample squared gradient norms come from one batched backward pass.
+Decomposition errors are unknown before the ranks are chosen. Their shape is modelled as a random
+mixing of the layer's output channels, the same at every position (see :func:`_mixing_term`): a
+truncated factorization's error is a fixed linear map of the layer's input, so it is coherent across
+positions, and independent noise per element would average out in a global pool that the real error
+survives. Samples are independent in eval mode (BatchNorm uses running statistics), so the per-sample
+terms come from one batched backward pass.
 """
 
 from __future__ import annotations
@@ -84,6 +86,24 @@ def _probe_loss(outputs: list[torch.Tensor], task: Task, generator: torch.Genera
     return torch.stack(terms).sum()
 
 
+def _mixing_term(output: torch.Tensor, grad: torch.Tensor) -> float:
+    """``sum_i E[(d_i . g_i)^2] / 2`` per unit squared relative error, for ``d_i = M y_i``: the error a
+    random mixing ``M`` of the output's channels makes, the same mixing at every position.
+
+    ``E[(d . g)^2] = s^2 ||G||_F^2`` with ``G = g y^T`` summed over positions (channels x channels) and
+    ``M`` i.i.d. with variance ``s^2 = e^2 / C`` (so that ``E||d||^2 = e^2 ||y||^2``). The error of a
+    truncated factorization is a fixed linear map of the layer's input, so it is spatially coherent like
+    this one; independent noise per element would average out in any later pooling and make the layers
+    before a global pool look up to ``positions`` times less sensitive than they are.
+    """
+    if output.dim() < 2:
+        return 0.0
+    samples, channels = output.shape[0], output.shape[1]
+    y, g = output.reshape(samples, channels, -1), grad.reshape(samples, channels, -1)
+    mixed = torch.einsum("ncp,ndp->ncd", g, y)
+    return float(mixed.pow(2).sum()) / channels / 2
+
+
 def layer_sensitivities(
     module: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], task: Task, seed: int = 0
 ) -> dict[str, float]:
@@ -117,10 +137,7 @@ def layer_sensitivities(
             for (name, output), grad in zip(order, grads):
                 if grad is None:
                     continue
-                per_sample = output.shape[0]
-                energy = output.detach().float().reshape(per_sample, -1).pow(2).sum(1)
-                fisher = grad.float().reshape(per_sample, -1).pow(2).sum(1)
-                totals[name] += float((energy * fisher).sum()) / max(output[0].numel(), 1) / 2
+                totals[name] += _mixing_term(output.detach().float(), grad.float())
             samples += inputs.shape[0]
             for store in captured.values():
                 store.clear()

@@ -33,18 +33,21 @@ class Net(nn.Module):
 
 
 def _measured(model: nn.Module, name: str, inputs: torch.Tensor, error: float, classification: bool) -> float:
-    """The distillation loss of ``model`` with isotropic noise of relative energy ``error**2`` added to
-    ``name``'s output, against the clean model, averaged over noise draws."""
+    """The distillation loss of ``model`` with an error of relative energy ``error**2`` added to ``name``'s
+    output, against the clean model, averaged over draws. The error is the one the weights model: a
+    random mixing of the output's channels, the same at every position."""
     generator = torch.Generator().manual_seed(1)
 
     def add_noise(_module, _inputs, output):
-        noise = torch.randn(output.shape, generator=generator)
+        channels = output.shape[1]
+        mixing = torch.randn(channels, channels, generator=generator)
+        noise = torch.einsum("cd,nd...->nc...", mixing, output)
         return output + noise * error * output.norm() / noise.norm()
 
     with torch.no_grad():
         clean = model(inputs)
         values = []
-        for _ in range(8):
+        for _ in range(64):
             handle = model.get_submodule(name).register_forward_hook(add_noise)
             noisy = model(inputs)
             handle.remove()
