@@ -222,12 +222,12 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def render(rows: list[dict], args, seconds: float) -> list[str]:
+def render(rows: list[dict], args) -> list[str]:
     lines = [
         "## Accuracy at measured speed, on held-out test images",
         "",
         f"Produced by `python scripts/benchmark_accuracy.py --model {args.model} --plans {' '.join(args.plans)}"
-        f" --finetune-minutes {args.finetune_minutes:g}` in {seconds / 60:.1f} minutes on {os.cpu_count()} CPU cores "
+        f" --finetune-minutes {args.finetune_minutes:g}` ({sum(r['wall_s'] for r in rows) / 60:.1f} minutes of runs) on {os.cpu_count()} CPU cores "
         f"({platform.machine()}), {time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {torch.get_num_threads()} torch threads.",
         "",
         f"Shared pretrained CIFAR-10 {args.model}. Calibration and fine-tuning on training images "
@@ -265,13 +265,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the accuracy section of this markdown file (BENCHMARKS.md)")
     parser.add_argument("--json", type=Path, help="append the rows here")
     parser.add_argument("--plot", type=Path, help="accuracy-vs-speedup PNG, linked from the --out section")
+    parser.add_argument("--render-only", action="store_true", help="write --out/--plot from the rows in --json, run nothing")
     args = parser.parse_args()
     if not (DATA / "cifar10-test-jpeg-9154.npz").is_file():
         print(f"no shared data at {DATA}: this benchmark needs ../shared/data (see its README.md)", file=sys.stderr)
         return 2
-    started = time.perf_counter()
     rows, failed = [], []
-    for plan in args.plans:
+    if args.render_only:  # the rows of an earlier (e.g. interrupted) run, from --json
+        rows = [json.loads(line) for line in args.json.read_text().splitlines() if line.strip()]
+        args.plans = [row["plan"] for row in rows]
+    for plan in [] if args.render_only else args.plans:
         try:
             rows.append(run_peer(plan, args) if plan.split("-")[0] in PEERS else run_plan(plan, args))
         except CompressorError as err:  # e.g. a latency target this machine cannot reach: say so, run the rest
@@ -282,7 +285,7 @@ def main() -> int:
             with args.json.open("a") as handle:
                 handle.write(json.dumps(rows[-1]) + "\n")
     if args.out:
-        lines = render(rows, args, time.perf_counter() - started)
+        lines = render(rows, args)
         lines += [f"| {plan} | failed: {error} |||||||" for plan, error in failed]
         if args.plot:
             plot(rows, args.plot)
