@@ -42,6 +42,8 @@ from benchmark_latency import ort_version, time_pair  # noqa: E402
 from benchmarks_md import replace_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+#: Training images from here on re-estimate the random models' BatchNorm statistics (20000 in the file).
+BATCHNORM_FIRST = 20000 - 256
 SECTION = "heads"
 METHODS = ["depthwise_separable", "low_rank", "spatial_separable", "keep"]
 MODELS = {
@@ -87,7 +89,8 @@ def run_model(name: str, args, work: Path) -> list[dict]:
     model = build().eval()
     train = DATA / "cifar10-train-jpeg-20000.npz"
     test = DATA / "cifar10-test-jpeg-9154.npz"
-    settle_batchnorm_(model, images(train, 10000, 256, side, 32))  # not the calibration / fine-tune images
+    # The last 256 training images, never among the --train-images (capped below) that calibrate and fine-tune.
+    settle_batchnorm_(model, images(train, BATCHNORM_FIRST, 256, side, 32))
     data = images(train, 0, args.train_images, side, 32)
     held_out = images(test, 0, args.eval_images, side, 32)
     x = data[0][:1]
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.train_images > BATCHNORM_FIRST:
+        parser.error(f"--train-images at most {BATCHNORM_FIRST}: the last 256 training images set BatchNorm statistics")
     for path in ("cifar10-train-jpeg-20000.npz", "cifar10-test-jpeg-9154.npz"):
         if not (DATA / path).is_file():
             raise SystemExit(f"needs {DATA / path} (see ../shared/data/README.md)")
@@ -180,8 +185,8 @@ def main() -> None:
     command = "python scripts/benchmark_heads.py " + " ".join(sys.argv[1:])
     header = (
         f"Command: `{command.strip()}`; {time.perf_counter() - started:.0f} s; load average at start "
-        f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} CPUs (run pinned to one core, torch and "
-        f"ORT at 1 thread); onnxruntime {ort_version()}, torch {torch.__version__}; `target: {{macs: 0.5}}`, "
+        f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} CPUs (this process allowed "
+        f"{len(os.sched_getaffinity(0))} of them; torch and ORT at 1 thread); onnxruntime {ort_version()}, torch {torch.__version__}; `target: {{macs: 0.5}}`, "
         f"methods {', '.join(METHODS)} (min_in_channels 8); {args.samples} calibration images of {args.train_images} "
         f"training images, {args.eval_images} evaluation images, {args.runs} timed runs."
     )
