@@ -240,7 +240,9 @@ def render(rows: list[dict], args) -> list[str]:
         "`-ft` adds the fine-tune; `mobile` is recipes/mobile.yaml as shipped. Peers, on the same body convs at the "
         "ranks of `rank: {macs: F}`, weights only (they have no data-aware init and no fine-tune): `aimet-F` AIMET's "
         "Spatial SVD (re-implemented, scripts/peers.py), `tltorch_tucker-F` / `tltorch_cp-F` TensorLy-Torch "
-        "`FactorizedConv.from_conv`. MACs counted by torch's flop counter for peers, by our profile for ours.",
+        "`FactorizedConv.from_conv`. MACs counted by torch's flop counter for peers, by our profile for ours. "
+        "Load: the 1-minute load average before the row (the benchmark keeps 2 threads busy itself, so about 2 "
+        "is an otherwise idle 2-core machine).",
         "",
         "| plan | MACs kept | speedup (1 thr) | acc. original | acc. compressed | drop (pt) | fine-tune s (budget) | load |",
         "|---|---|---|---|---|---|---|---|",
