@@ -50,11 +50,15 @@ def test_full_rank_is_exact_on_every_output(name, method, groups):
 
 def _mobile(steps: int):
     """recipes/mobile.yaml, sized for a test: a MACs target stands in for its latency target (which times
-    every candidate layer in ONNX Runtime, minutes on a busy CI machine), and a 2-step fine-tune."""
+    every candidate layer in ONNX Runtime, minutes on a busy CI machine), and a 2-step fine-tune.
+
+    Export tolerance 1e-3: on these random-weight models, outputs reach ~1e3 and the plan, solved and refit
+    on 8 images, has rank-1 stacks whose float32 rounding differs between ONNX Runtime and PyTorch by
+    1.4e-4 of the output norm (yolo_style, with the sensitivity weighting); a wrong export is off by O(1)."""
     return load_recipe(
         REPO / "recipes" / "mobile.yaml",
         [f"input_shape=[1,3,{SIZE},{SIZE}]", "target={macs: 0.5}", f"finetune.steps={steps}", "finetune.batch_size=4",
-         "finetune.evaluations=1", "calibration.samples=8", "bench.runs=0"],
+         "finetune.evaluations=1", "calibration.samples=8", "bench.runs=0", "export.tolerance=1e-3"],
     )
 
 
