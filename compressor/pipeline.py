@@ -69,6 +69,8 @@ class Plan:
     target: dict | None = None
     #: Wall time per phase (see :mod:`compressor.phases`), continued by compress() and Result.save().
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What the outputs are (the recipe's ``task:`` or detected), for the sensitivities, distillation and metrics.
+    task: Task | None = field(default=None, repr=False)
 
     @property
     def init(self) -> str:
@@ -178,6 +180,7 @@ def plan(
         lifted = lift_functional_convs_(traced.module, match_functional_convs(traced.module))
         profiles = _profile(traced.module, example_input)
         layers = plan_layers(traced.module, recipe, profiles)
+        task = task_of(traced.module, example_input, recipe.task)
     for layer in layers:
         if layer.name in lifted:
             layer.add_note("lifted into an nn.Conv2d from a functional conv call")
@@ -209,7 +212,7 @@ def plan(
             if recipe.target is not None and solved and settings.sensitivity_samples:
                 weights = layer_sensitivities(
                     traced.module, [layer.name for layer in solved],
-                    sensitivity_batches(calibration, settings.sensitivity_samples), task_of(traced.module, example_input, recipe.task),
+                    sensitivity_batches(calibration, settings.sensitivity_samples), task,
                 )
                 for layer in solved:
                     layer.sensitivity = weights[layer.name]
@@ -221,7 +224,7 @@ def plan(
             target = hold_latency_target(layers, traced.module, profiles, recipe, statistics, latency, example_input)
         else:
             target = assign_ranks(layers, traced.module, profiles, recipe, statistics, progress=progress)
-    result = Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds)
+    result = Plan(traced, layers, profiles, recipe, calibration, statistics, target, seconds, task)
     for caveat in plan_caveats(result.report(), recipe):
         log.warning(caveat)
     return result
@@ -470,7 +473,7 @@ def compress(
     # The caller's module keeps its train/eval flags: compare against an eval-mode copy if needed.
     original = tree.set_training_(copy.deepcopy(model), False) if any(m.training for m in tree.modules(model)) else model
     layer_plan = plan(original, recipe, example_input, data=data, progress=progress)  # first: it names a failing forward's layer
-    task = task_of(original, example_input, recipe.task)
+    task = layer_plan.task
     seconds = layer_plan.seconds
     replacements = _factorize_all(layer_plan, progress)
     compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
