@@ -97,17 +97,6 @@ def _splits(spec: dict, data_dir: Path):
     return batches(rest), batches(held)
 
 
-def _count(model, shape) -> tuple[int, int]:
-    """(MACs per sample, params), counted the same way for every tool."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(shape))
-    return counter.get_total_flops() // 2 // shape[0], sum(p.numel() for p in model.parameters())
-
-
 def _recipe(spec: dict, body: str) -> dict:
     if spec["budget"]:
         rules = [{"match": body, "method": [*spec["budget_methods"], "keep"]}]
@@ -127,11 +116,20 @@ def _recipe(spec: dict, body: str) -> dict:
     return recipe
 
 
+def _import_peers():
+    """scripts/peers.py, imported when a row runs (it imports torch; the parent process never needs it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
+
+    return peers
+
+
 def _ours(spec: dict, data_dir: Path) -> dict:
     import compressor
     from compressor.evaluate import evaluate
     from compressor.pipeline import example_input_for
 
+    peers = _import_peers()
     model, shape, pretrained = _model(spec["model"], data_dir, spec.get("quick", False))
     example = example_input_for(model, shape)
     calibration, held = _splits(spec, data_dir) if spec["model"] == "resnet20" else (None, None)
@@ -144,8 +142,8 @@ def _ours(spec: dict, data_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         result.save(out)
     report = result.report
-    macs, params = _count(result.model, shape)
-    macs0, params0 = _count(model, shape)
+    macs, params = peers.macs_and_params(result.model, shape)
+    macs0, params0 = peers.macs_and_params(model, shape)
     row = {
         "pretrained": pretrained,
         "macs_ratio": macs / macs0,
@@ -175,9 +173,7 @@ def _peer(spec: dict, data_dir: Path) -> dict:
     from compressor.phases import timed
     from compressor.pipeline import example_input_for
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import peers
-
+    peers = _import_peers()
     model, shape, pretrained = _model(spec["model"], data_dir, spec.get("quick", False))
     example = example_input_for(model, shape)
     build = {
@@ -188,8 +184,8 @@ def _peer(spec: dict, data_dir: Path) -> dict:
     seconds: dict[str, float] = {}
     with timed(seconds, "decompose"):
         compressed = peers.replace_convs(model, spec["ranks"], build)
-    macs, params = _count(compressed, shape)
-    macs0, params0 = _count(model, shape)
+    macs, params = peers.macs_and_params(compressed, shape)
+    macs0, params0 = peers.macs_and_params(model, shape)
     row: dict = {"pretrained": pretrained, "macs_ratio": macs / macs0, "params_ratio": params / params0}
     if spec["model"] == "resnet20":
         _, held = _splits(spec, data_dir)

@@ -168,11 +168,11 @@ def run_peer(plan: str, args) -> dict:
         paths = {key: export_onnx(m, torch.zeros(1, 3, 32, 32), Path(out) / f"{key}.onnx", 17)
                  for key, m in (("original", model), ("compressed", compressed))}
         timed = time_models(paths, (1, 3, 32, 32), threads=1, runs=args.runs, warmup=5)
-    macs = lambda m: _macs(m)  # noqa: E731
+    macs = {key: peers.macs_and_params(m, (1, 3, 32, 32))[0] for key, m in (("original", model), ("compressed", compressed))}
     row = {
         "model": args.model,
         "plan": plan,
-        "macs_ratio": macs(compressed) / macs(model),
+        "macs_ratio": macs["compressed"] / macs["original"],
         "speedup_1_thread": timed["original"]["median_ms"] / timed["compressed"]["median_ms"],
         "original_ms": timed["original"]["median_ms"],
         "compressed_ms": timed["compressed"]["median_ms"],
@@ -187,16 +187,6 @@ def run_peer(plan: str, args) -> dict:
     }
     print(json.dumps(row), flush=True)
     return row
-
-
-def _macs(model: torch.nn.Module) -> int:
-    """MACs per sample, counted by torch's flop counter (the same way for our modules and the peers')."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
-    return counter.get_total_flops() // 2
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -80,3 +80,14 @@ def replace_convs(model: nn.Module, ranks: dict[str, int], build) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attribute, build(getattr(parent, attribute), rank))
     return model.eval()
+
+
+def macs_and_params(model: nn.Module, shape) -> tuple[int, int]:
+    """(MACs per sample, params), counted by torch's flop counter the same way for every tool (so also
+    for tltorch's modules, which are not ``nn.Conv2d``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(shape))
+    return counter.get_total_flops() // 2 // shape[0], sum(p.numel() for p in model.parameters())
