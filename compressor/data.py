@@ -41,8 +41,8 @@ the recipe's ``data.mean`` / ``data.std``; each defaults to ImageNet's values fo
 have one value per model input channel (checked for every kind of source).
 
 Order: batches come in file order (npz), class then file name (images, so the first samples of a
-``limit`` all belong to the first classes: use :meth:`Dataset.shuffled` for a mixed subset), or the
-function's order (callables). Every user error is one line in a :class:`~compressor.errors.DataError`.
+``limit`` all belong to the first classes: use :meth:`Dataset.shuffled` for a mixed subset, as
+calibration does), or the function's order (callables). Every user error is one line in a :class:`~compressor.errors.DataError`.
 """
 
 from __future__ import annotations

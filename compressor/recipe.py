@@ -479,6 +479,9 @@ class Calibration(BaseModel):
     #: Calibration samples (of ``samples``) on which each layer's end-to-end sensitivity is measured
     #: for the budget solver (one backward pass; see compressor/sensitivity.py); 0: plain sum of errors.
     sensitivity_samples: Annotated[int, Field(strict=True, ge=0)] = 128
+    #: The ``samples`` are a pseudo-random draw (this seed) from an npz or image folder ``--data``:
+    #: files come class by class, so the first 512 of a sorted set may all be one class.
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
 
 
 class FineTune(BaseModel):

@@ -493,3 +493,38 @@ def test_grouped_convs_factorize_per_group_through_the_pipeline(tmp_path, method
     assert set(refits) == {"grouped", "expand"} and all(e is not None for e in refits.values()), refits
     got, before = aware["metrics"]["output_rel_error"], plain["metrics"]["output_rel_error"]
     assert got < before, f"grouped {method} held-out output error: data-aware {got:.4f}, weights-only {before:.4f}"
+
+
+def _class_sorted_npz(path, classes=10, per_class=20):
+    """Images filled with their own label, stored class by class as sorted datasets are."""
+    import numpy as np
+
+    labels = np.repeat(np.arange(classes), per_class)
+    images = np.broadcast_to(labels[:, None, None, None], (labels.size, 3, 32, 32)).astype(np.float32)
+    np.savez(path, x=images, y=labels)
+    return path
+
+
+def test_calibration_draws_across_the_classes_of_a_sorted_npz(tmp_path):
+    model, x = _build("resnet20_cifar")
+    data = compressor.load_data(_class_sorted_npz(tmp_path / "sorted.npz"), input_shape=(1, 3, 32, 32))
+    recipe = {"rules": [{"match": "layer1.0.conv1", "method": "low_rank", "rank": 4}], "calibration": {"samples": 40}}
+    drawn = {}
+    for seed in (0, 0, 1):
+        recipe["calibration"]["seed"] = seed
+        planned = compressor.plan(model, recipe, x, data=data)
+        drawn.setdefault(seed, []).append(torch.cat(planned.calibration)[:, 0, 0, 0].tolist())
+    classes = sorted(set(drawn[0][0]))
+    # The first 40 in file order would be classes 0 and 1 only.
+    assert len(classes) >= 8, f"40 calibration images drawn from classes {classes}"
+    assert drawn[0][0] == drawn[0][1], "the same seed drew different calibration images"
+    assert drawn[1][0] != drawn[0][0], "another seed drew the same calibration images"
+
+
+def test_calibration_keeps_the_order_of_a_plain_iterable():
+    model, x = _build("resnet20_cifar")
+    batches = [torch.full((8, 3, 32, 32), float(i)) for i in range(5)]
+    recipe = {"rules": [{"match": "layer1.0.conv1", "method": "low_rank", "rank": 4}], "calibration": {"samples": 16}}
+    planned = compressor.plan(model, recipe, x, data=batches)
+    values = torch.cat(planned.calibration)[:, 0, 0, 0].tolist()
+    assert values == [0.0] * 8 + [1.0] * 8, values
