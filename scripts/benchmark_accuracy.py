@@ -3,8 +3,8 @@
 Each plan is one ``compressor.compress`` + ``Result.save`` of a shared pretrained CIFAR-10 ResNet (see
 ../shared/data/README.md), as the CLI would run it:
 
-* ``--data``: ``cifar10-train-jpeg-20000.npz`` (training images): calibration takes its first
-  ``calibration.samples``; a fine-tuning plan holds out ``finetune.holdout`` of it to pick weights on
+* ``--data``: ``cifar10-train-jpeg-20000.npz`` (training images): calibration draws
+  ``calibration.samples`` of it at random (the file is sorted by class); a fine-tuning plan holds out ``finetune.holdout`` of it to pick weights on
   and trains on the rest;
 * held-out accuracy: ``cifar10-test-jpeg-9154.npz`` (test images no model here trained on, never used
   for a choice), original and compressed on the same images; the drop is paired (per image, compressed

@@ -53,8 +53,12 @@ MODELS = {
 
 
 def images(path: Path, start: int, count: int, side: int, batch: int) -> list[torch.Tensor]:
+    """Images ``start`` to ``start + count`` of a fixed shuffle of ``path``'s rows: the npz files are
+    sorted by class, so a plain slice would be one or two classes."""
     mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
-    x = scale_uint8(np.load(path)["x"][start:start + count], mean, std)
+    x = np.load(path)["x"]
+    rows = np.sort(np.random.default_rng(0).permutation(len(x))[start:start + count])
+    x = scale_uint8(x[rows], mean, std)
     return [F.interpolate(b, size=(side, side), mode="bilinear", align_corners=False) for b in x.split(batch)]
 
 
@@ -89,7 +93,7 @@ def run_model(name: str, args, work: Path) -> list[dict]:
     model = build().eval()
     train = DATA / "cifar10-train-jpeg-20000.npz"
     test = DATA / "cifar10-test-jpeg-9154.npz"
-    # The last 256 training images, never among the --train-images (capped below) that calibrate and fine-tune.
+    # The last 256 shuffled training images, never among the --train-images (capped below) that calibrate and fine-tune.
     settle_batchnorm_(model, images(train, BATCHNORM_FIRST, 256, side, 32))
     data = images(train, 0, args.train_images, side, 32)
     held_out = images(test, 0, args.eval_images, side, 32)

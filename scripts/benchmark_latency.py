@@ -50,7 +50,9 @@ def _cifar_batches(count: int) -> list[torch.Tensor] | None:
     if not data.is_file():
         return None
     mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
-    return list(scale_uint8(np.load(data)["x"][:count], mean, std).split(64))
+    x = np.load(data)["x"]
+    rows = np.sort(np.random.default_rng(0).permutation(len(x))[:count])  # the npz is sorted by class
+    return list(scale_uint8(x[rows], mean, std).split(64))
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str, list[torch.Tensor]]:
