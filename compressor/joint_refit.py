@@ -28,6 +28,13 @@ from compressor import calibrate, layers
 from compressor.calibrate import Batches, Pairs, Refit, paired_calls
 
 _RIDGE = 1e-6
+#: Ridge on the effective weights, relative to the mean patch variance: the solves minimize
+#: ``error + _WEIGHT_RIDGE * mean(diag C) * |W_eff|^2``. With fewer calibration positions than patch
+#: dimensions (a deep layer of a detector on 8 images) the patch Gram is singular, and without it
+#: the ALS put a rank-1 factor into a near-null direction, scaled by 1e5 to fit noise: weights whose
+#: cancellation ONNX Runtime and PyTorch round apart (1e-2 of the output). Directions holding less
+#: than this fraction of the mean variance are shrunk instead.
+_WEIGHT_RIDGE = 1e-3
 
 
 @dataclass
@@ -140,6 +147,16 @@ def _solve_vertical(vertical, horizontal, bias, stats: PatchStatistics, iteratio
     return solution
 
 
+def _weight_ridged(stats: PatchStatistics) -> PatchStatistics:
+    """``stats`` with ``_WEIGHT_RIDGE * mean(diag C)`` added to the patch block of the Gram (not the
+    constant's entry, so the bias is not shrunk): solving against it adds that times ``|W_eff|^2``."""
+    size = stats.gram.shape[0] - 1
+    gram = stats.gram.clone()
+    scale = float(torch.diagonal(gram)[:size].mean().clamp_min(1e-300))
+    gram.diagonal()[:size] += _WEIGHT_RIDGE * scale
+    return PatchStatistics(gram, stats.cross, stats.energy, stats.samples)
+
+
 def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, sweeps: int = 6) -> Refit:
     """Refine both factors of a spatially separable ``stack`` in place; never increases the error."""
     first, last = stack[0], stack[-1]
@@ -156,9 +173,10 @@ def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, 
 
     before = _error(packed(vertical, horizontal, bias), stats)
     best = (before, vertical, horizontal, bias)
+    ridged = _weight_ridged(stats)
     for _ in range(sweeps):
-        horizontal, bias = _solve_horizontal(vertical, bias_used, stats, kw)
-        vertical = _solve_vertical(vertical, horizontal, bias, stats)
+        horizontal, bias = _solve_horizontal(vertical, bias_used, ridged, kw)
+        vertical = _solve_vertical(vertical, horizontal, bias, ridged)
         # Rebalance scales between the factors (the product is unchanged) to keep the solves conditioned.
         norms = vertical.flatten(1).norm(dim=1).clamp_min(1e-30)
         vertical, horizontal = vertical / norms[:, None, None], horizontal * norms[None, :, None]

@@ -49,17 +49,12 @@ def test_full_rank_is_exact_on_every_output(name, method, groups):
 
 
 def _mobile(steps: int):
-    """recipes/mobile.yaml, sized for a test: a MACs target stands in for its latency target (which times
-    every candidate layer in ONNX Runtime, minutes on a busy CI machine), and a 2-step fine-tune.
-
-    Export tolerance 1e-3, a known defect: on yolo_style (random weights, 8 calibration images, with the
-    sensitivity weighting) one rank-1 spatial_separable stack's ALS refit overfits the 8 images with a 1x3
-    factor of weights up to 5e5, whose cancellation ONNX Runtime and PyTorch round apart (1.4e-4 of the
-    output norm). The refit needs a bound on its factors; this test covers kinds, outputs and fine-tune."""
+    """recipes/mobile.yaml as shipped (its MACs target, every method), sized for a test: 8 calibration
+    images and a 2-step fine-tune."""
     return load_recipe(
         REPO / "recipes" / "mobile.yaml",
-        [f"input_shape=[1,3,{SIZE},{SIZE}]", "target={macs: 0.5}", f"finetune.steps={steps}", "finetune.batch_size=4",
-         "finetune.evaluations=1", "calibration.samples=8", "bench.runs=0", "export.tolerance=1e-3"],
+        [f"input_shape=[1,3,{SIZE},{SIZE}]", f"finetune.steps={steps}", "finetune.batch_size=4",
+         "finetune.evaluations=1", "calibration.samples=8", "bench.runs=0"],
     )
 
 
@@ -83,6 +78,13 @@ def test_mobile_recipe_with_a_fine_tune_and_onnx_on_every_output(name, tmp_path)
     tuned = report["finetune"]
     assert tuned["steps"] == 2 and tuned["task"] == kind, {k: tuned.get(k) for k in ("steps", "stopped_by", "task")}
     assert tuned["loss"]["first"] is not None and tuned["loss"]["first"] > 0, tuned["loss"]
+    # 8 images give a deep 3x3 layer fewer positions than patch dimensions: the spatial ALS refit then
+    # scaled rank-1 factors by 1e3-1e5 to fit noise (ONNX parity 4e-3) until its weight ridge.
+    largest = {
+        layer["name"]: float(max(p.abs().max() for p in result.model.get_submodule(layer["name"]).parameters()))
+        for layer in report["layers"] if layer["method"] != "keep"
+    }
+    assert max(largest.values()) < 100, sorted(largest.items(), key=lambda item: -item[1])[:3]
     result.save(tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"task {kind} (detected;" in markdown, markdown[:2000]
