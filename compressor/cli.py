@@ -195,9 +195,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     model = load_model(args.model, arch=args.arch, trust_model=args.trust_model)
     exported_program = is_exported_program(Path(args.model))
     example_input = example_input_for(model, shape)
-    data = _dataset(args.data, shape, recipe)
-    if data is not None:  # image folders are sorted by class: a prefix of them would miss classes
-        data = data.shuffled()
+    data = _dataset(args.data, shape, recipe)  # calibration draws across its classes (calibration.seed)
     eval_data = _dataset(args.eval_data, shape, recipe)
     if data is None:
         console.print("no --data: initialization is weights-only (pass calibration data for data-aware init)")

@@ -72,6 +72,9 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)
     #: What the outputs are (the recipe's ``task:`` or detected), for the sensitivities, distillation and metrics.
     task: Task | None = field(default=None, repr=False)
+    #: Set by the refit when its held activations passed ``calibration.activation_memory_gib`` and were
+    #: stored in float16 from then on: where, and how much was held.
+    refit_activations: dict | None = None
 
     @property
     def init(self) -> str:
@@ -88,6 +91,8 @@ class Plan:
         }
         if self.target is not None:
             report["target"] = self.target
+        if self.refit_activations is not None:
+            report["refit_activations"] = self.refit_activations
         return report
 
     def __str__(self) -> str:
@@ -436,6 +441,15 @@ def _factorize_all(plan_: Plan, progress: bool | None = None) -> dict[str, nn.Se
             replacements[layer.name] = stack
     if plan_.calibration:
         by_name = {layer.name: layer for layer in rewriting}
+        limit = plan_.recipe.calibration.activation_memory_gib
+
+        def spilled(node: str, held: int) -> None:
+            plan_.refit_activations = {"stored": "float16", "from_node": node, "held_gib": held / 2**30, "limit_gib": limit}
+            log.warning(
+                "refit: the calibration activations held %.1f GiB at %s, over calibration.activation_memory_gib %g: "
+                "stored in float16 from there on", held / 2**30, node, limit,
+            )
+
         with timed(plan_.seconds, "refit"), layer_bar("refit", len(replacements), progress) as bar:
             refits = refit_all_(
                 module,
@@ -443,6 +457,8 @@ def _factorize_all(plan_: Plan, progress: bool | None = None) -> dict[str, nn.Se
                 plan_.calibration,
                 {name: len(plan_.profiles[name].calls) for name in replacements},
                 started=bar.advance,
+                max_bytes=int(limit * 2**30),
+                spilled=spilled,
             )
         for name, refit in refits.items():
             by_name[name].output_rel_error = refit.error_after

@@ -482,6 +482,9 @@ class Calibration(BaseModel):
     #: The ``samples`` are a pseudo-random draw (this seed) from an npz or image folder ``--data``:
     #: files come class by class, so the first 512 of a sorted set may all be one class.
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    #: The refit's one pass holds every calibration image's live activations, of the original and the
+    #: compressed network; past this many GiB they are stored in float16 (report: ``refit_activations``).
+    activation_memory_gib: _Positive = 4.0
 
 
 class FineTune(BaseModel):

@@ -48,12 +48,15 @@ def refit_all_(
     calibration: Sequence[torch.Tensor],
     calls: dict[str, int],
     started: Callable[[str], None] = lambda name: None,
+    max_bytes: int | None = None,
+    spilled: Callable[[str, int], None] = lambda node, held: None,
 ) -> dict[str, Refit]:
     """Refit every ``stacks[name] = (method, stack)`` in place, in the dict's order (execution order).
 
     ``module`` holds the original convs under the names of ``stacks`` and is not changed;
     ``calls[name]`` is how often the model calls that conv (the re-run fallback needs it);
-    ``started(name)`` is told as each layer's refit begins (a progress bar).
+    ``started(name)`` is told as each layer's refit begins (a progress bar); ``max_bytes`` and
+    ``spilled`` bound the one-pass walk's held activations (see :func:`compressor.walk.walk_`).
     """
     refits: dict[str, Refit] = {}
     if walk.supports(module, list(stacks)) is None:
@@ -68,7 +71,7 @@ def refit_all_(
         parameter = tree.first_parameter(module)
         if parameter is not None:  # as the re-run path does: batches in the model's dtype and device
             calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
-        walk.walk_(module, calibration, {name: visit for name in stacks})
+        walk.walk_(module, calibration, {name: visit for name in stacks}, max_bytes, spilled)
         return refits
     working = copy.deepcopy(module)
     for name, (method, stack) in stacks.items():

@@ -17,12 +17,15 @@ visited conv swapped for its replacement would compute: same modules, same order
 Memory: an activation is freed after its last user has run, so what is held is the live
 activations of both networks (one copy while they agree) for the whole calibration set, plus what
 the callback keeps (the visited conv's outputs and inputs). For a CIFAR ResNet at 512 images that
-is tens of MB. For an ImageNet ResNet-50 at 224x224 it is several GB per 512 images in float32: a
-layer1 block input (256x56x56, 1.6 GB) held in each network while the branch runs, plus the
-branch's activations (0.4 GB each), by estimate, not measured here. The re-run path needed one
-batch at a time instead. The calibration set is not chunked and activations stay in the model's
-dtype: a layer's refit needs all of the set before the walk may go on, so chunking would not lower
-the peak; lower ``calibration.samples`` where it does not fit.
+is tens of MB; for an ImageNet ResNet-50 at 224x224, several GB per 512 images in float32 (a layer1
+block input, 256x56x56, is 1.6 GB in each network). The calibration set is not chunked: a layer's
+refit needs all of the set before the walk may go on, so chunking would not lower the peak. Instead,
+once the held float32 activations pass ``max_bytes``, every held and later activation is *stored*
+in float16 (computed in float32, rounded to 2^-11 relative when stored; a tensor float16 cannot
+hold stays float32, as do the inputs of a node that writes into them; a graph that writes through
+a view, ``x[:, :2].zero_()``, stays float32 throughout, with a warning), which halves what is held;
+``spilled`` is told at which node that happened. At the switch both copies exist for a moment
+(1.5x the limit), and a visited conv's inputs and outputs are read back in float32 for its refit.
 
 What the walk cannot serve, :func:`supports` says (and the caller falls back to re-running the
 networks per layer): a model FX could not trace, a visited conv called more than once (its refit
@@ -31,11 +34,14 @@ would need inputs that only exist after the walk has passed it), or extra inputs
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
+
+log = logging.getLogger(__name__)
 
 Visit = Callable[[str, list[torch.Tensor], list[torch.Tensor]], nn.Module]
 """``(conv name, original outputs per batch, compressed-network inputs per batch) -> module`` that
@@ -91,11 +97,99 @@ def _run(node: fx.Node, modules: dict[str, nn.Module], args: tuple, kwargs: dict
     raise ValueError(f"unexpected node op {node.op!r}")
 
 
-def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[str, Visit]) -> dict[str, nn.Module]:
+class _Half:
+    """A float32 activation stored in float16 to bound the walk's memory; :func:`_read` restores it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.to(torch.float16)
+
+
+def _read(value):
+    return value.tensor.to(torch.float32) if isinstance(value, _Half) else value
+
+
+def _same(value):
+    return value
+
+
+def _stored(value):
+    """``value`` as a :class:`_Half` when it is a float32 tensor that float16 can hold (no overflow)."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+        return value
+    half = _Half(value)
+    return half if bool(torch.isfinite(half.tensor).all()) or not bool(torch.isfinite(value).all()) else value
+
+
+def _held_bytes(*environments: dict) -> int:
+    """Bytes of the node outputs held (placeholders and attributes belong to the caller)."""
+    seen, total = set(), 0
+    for environment in environments:
+        for node, values in environment.items():
+            if node.op in ("placeholder", "get_attr") or id(values) in seen:
+                continue
+            seen.add(id(values))
+            for value in values:
+                tensor = value.tensor if isinstance(value, _Half) else value
+                total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
+    return total
+
+
+def _store_(original: dict, compressed: dict, store: Callable, nodes=None) -> int:
+    """Apply ``store`` to the held outputs of ``nodes`` (default: every node output), keeping the lists
+    the two networks share shared; returns how many values it changed."""
+    converted: dict[int, list] = {}
+    changed = 0
+    for environment in (original, compressed):
+        for node, values in environment.items():
+            if node.op in ("placeholder", "get_attr") or (nodes is not None and node not in nodes):
+                continue
+            if id(values) not in converted:
+                converted[id(values)] = [store(value) for value in values]
+                changed += sum(new is not old for new, old in zip(converted[id(values)], values))
+            environment[node] = converted[id(values)]
+    return changed
+
+
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "narrow", "select", "transpose", "permute", "expand", "expand_as", "squeeze",
+    "unsqueeze", "flatten", "unflatten", "chunk", "split", "unbind", "t", "diagonal", "movedim", "as_strided",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.reshape, torch.narrow, torch.select, torch.transpose, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.flatten, torch.chunk, torch.split, torch.unbind, torch.t, torch.diagonal, torch.movedim,
+}
+
+
+def _writes_through_a_view(graph: fx.Graph, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """A node that writes into the output of a view op (``x[:, :2].zero_()``), if any. The write
+    reaches the viewed tensor only while both are held as the same float32 storage, so such a graph
+    keeps float32 storage."""
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and _may_mutate(node, modules):
+            written = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if written is not None and (
+                (written.op == "call_function" and written.target in _VIEW_FUNCTIONS)
+                or (written.op == "call_method" and written.target in _VIEW_METHODS)
+            ):
+                return node
+    return None
+
+
+def walk_(
+    module: fx.GraphModule,
+    batches: Sequence[torch.Tensor],
+    visit: dict[str, Visit],
+    max_bytes: int | None = None,
+    spilled: Callable[[str, int], None] = lambda node, held: None,
+) -> dict[str, nn.Module]:
     """Walk ``batches`` through ``module`` once; return the replacement each visited conv got.
 
     ``visit`` maps conv names (as in ``module.named_modules()``) to their callbacks, which run in
-    graph order. ``module`` itself is not changed. Check :func:`supports` first.
+    graph order. ``module`` itself is not changed. Check :func:`supports` first. Past ``max_bytes``
+    of held activations, they are stored in float16 from then on, and ``spilled(node name, bytes
+    held when it happened)`` is called once.
     """
     modules = dict(module.named_modules(remove_duplicate=False))
     by_module = {id(modules[name]): name for name in visit}
@@ -105,6 +199,8 @@ def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[s
     compressed: dict[fx.Node, list] = {}
     freed = _last_uses(module.graph)
     inputs_seen = 0
+    half = warned = False
+    unsafe = _writes_through_a_view(module.graph, modules) if max_bytes is not None else None
     with torch.no_grad():
         for node in module.graph.nodes:
             if node.op == "output":
@@ -117,19 +213,36 @@ def walk_(module: fx.GraphModule, batches: Sequence[torch.Tensor], visit: dict[s
                 original[node] = compressed[node] = [_attribute(module, node.target)] * len(batches)
             else:
                 name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
-                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None)
+                if half and _may_mutate(node, modules):
+                    # It writes into an input: that input must be the held tensor, not a float32 copy of it.
+                    _store_(original, compressed, _read, set(node.all_input_nodes))
+                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None, half=half)
                 if name is not None:
-                    hidden = [fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))]
-                    chosen[name] = replaced[node.target] = visit[name](name, original[node], hidden)
-                    compressed[node] = [chosen[name](x) for x in hidden]
+                    hidden = [_read(fx.node.map_arg(node.args, lambda n: compressed[n][b])[0]) for b in range(len(batches))]
+                    targets = [_read(value) for value in original[node]]
+                    chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
+                    compressed[node] = [(_stored if half else _same)(chosen[name](x)) for x in hidden]
+                    del targets, hidden  # float32 copies while float16 is stored: not held past this node
             for done in freed.get(node, ()):
                 original.pop(done, None)
                 compressed.pop(done, None)
+            if max_bytes is not None and not half and not warned:
+                held = _held_bytes(original, compressed)
+                if held > max_bytes and unsafe is not None:
+                    warned = True
+                    log.warning(
+                        "refit: the calibration activations hold %.1f GiB at %s, over the limit, but %s writes "
+                        "through a view, so they stay float32", held / 2**30, node.name, unsafe.name,
+                    )
+                elif held > max_bytes:
+                    half = True
+                    if _store_(original, compressed, _stored):
+                        spilled(node.name, held)
     return chosen
 
 
 _INPLACE_FUNCTIONS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
 }
 
@@ -145,24 +258,27 @@ def _may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
 
 
-def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True) -> None:
+def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True, half: bool = False) -> None:
     """Run ``node`` on every batch in the original network and, if ``both``, the compressed one;
-    once for both while all its inputs are the same tensors in both."""
+    once for both while all its inputs are the same tensors in both. With ``half``, outputs are stored
+    in float16 (:class:`_Half`)."""
+    keep = _stored if half else _same
     inputs = node.all_input_nodes
     same = all(original[n] is compressed[n] for n in inputs) and node.target not in replaced
     shared = {n for n in inputs if original[n] is compressed[n]}
     # A node that writes into an input must not write into a tensor the other network still reads.
     private = both and not same and shared and _may_mutate(node, modules)
     if private:
+        # (a stored _Half is read into a fresh tensor anyway)
         copies = {n: [value.clone() if isinstance(value, torch.Tensor) else value for value in original[n]] for n in shared}
         compressed_env = {n: copies.get(n, compressed[n]) for n in inputs}
     else:
         compressed_env = compressed
     values = []
     for b in range(count):
-        args = fx.node.map_arg(node.args, lambda n: original[n][b])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: original[n][b])
-        values.append(_run(node, modules, args, kwargs, {}))
+        args = fx.node.map_arg(node.args, lambda n: _read(original[n][b]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _read(original[n][b]))
+        values.append(keep(_run(node, modules, args, kwargs, {})))
     original[node] = values
     if same and both:
         compressed[node] = values
@@ -171,7 +287,7 @@ def _evaluate(node, modules, original, compressed, replaced, count: int, *, both
         return
     values = []
     for b in range(count):
-        args = fx.node.map_arg(node.args, lambda n: compressed_env[n][b])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: compressed_env[n][b])
-        values.append(_run(node, modules, args, kwargs, replaced))
+        args = fx.node.map_arg(node.args, lambda n: _read(compressed_env[n][b]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _read(compressed_env[n][b]))
+        values.append(keep(_run(node, modules, args, kwargs, replaced)))
     compressed[node] = values
