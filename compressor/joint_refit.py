@@ -28,12 +28,12 @@ from compressor import calibrate, layers
 from compressor.calibrate import Batches, Pairs, Refit, paired_calls
 
 _RIDGE = 1e-6
-#: Ridge on the effective weights, relative to the mean patch variance: the solves minimize
-#: ``error + _WEIGHT_RIDGE * mean(diag C) * |W_eff|^2``. With fewer calibration positions than patch
-#: dimensions (a deep layer of a detector on 8 images) the patch Gram is singular, and without it
-#: the ALS put a rank-1 factor into a near-null direction, scaled by 1e5 to fit noise: weights whose
-#: cancellation ONNX Runtime and PyTorch round apart (1e-2 of the output). Directions holding less
-#: than this fraction of the mean variance are shrunk instead.
+#: Ridge towards the original layer, relative to the mean patch variance: the solves minimize
+#: ``error + _WEIGHT_RIDGE * mean(diag C) * |W_eff - W|^2``. With fewer calibration positions than
+#: patch dimensions (a deep layer of a detector on 8 images) the patch Gram is singular, and without
+#: it the ALS put a rank-1 factor into a near-null direction, scaled by 1e5 to fit noise: weights
+#: whose cancellation ONNX Runtime and PyTorch round apart (1e-2 of the output). Directions holding
+#: less than this fraction of the mean variance keep (the rank's share of) the original's weights.
 _WEIGHT_RIDGE = 1e-3
 
 
@@ -147,14 +147,17 @@ def _solve_vertical(vertical, horizontal, bias, stats: PatchStatistics, iteratio
     return solution
 
 
-def _weight_ridged(stats: PatchStatistics) -> PatchStatistics:
-    """``stats`` with ``_WEIGHT_RIDGE * mean(diag C)`` added to the patch block of the Gram (not the
-    constant's entry, so the bias is not shrunk): solving against it adds that times ``|W_eff|^2``."""
+def _weight_ridged(stats: PatchStatistics, weight: torch.Tensor) -> PatchStatistics:
+    """``stats`` as if ``sqrt(ridge)`` times every unit patch had been seen with the original layer's
+    response ``weight`` (out, D): ``ridge = _WEIGHT_RIDGE * mean(diag C)`` added to the patch block of
+    the Gram (not the constant's entry, so the bias is not pulled) and ``ridge * weight^T`` to the
+    cross term; solving against it adds ``ridge * |W_eff - weight|^2`` to the error."""
     size = stats.gram.shape[0] - 1
-    gram = stats.gram.clone()
-    scale = float(torch.diagonal(gram)[:size].mean().clamp_min(1e-300))
-    gram.diagonal()[:size] += _WEIGHT_RIDGE * scale
-    return PatchStatistics(gram, stats.cross, stats.energy, stats.samples)
+    gram, cross = stats.gram.clone(), stats.cross.clone()
+    ridge = _WEIGHT_RIDGE * float(torch.diagonal(gram)[:size].mean().clamp_min(1e-300))
+    gram.diagonal()[:size] += ridge
+    cross[:size] += ridge * weight.T
+    return PatchStatistics(gram, cross, stats.energy, stats.samples)
 
 
 def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, sweeps: int = 6) -> Refit:
@@ -173,7 +176,7 @@ def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, 
 
     before = _error(packed(vertical, horizontal, bias), stats)
     best = (before, vertical, horizontal, bias)
-    ridged = _weight_ridged(stats)
+    ridged = _weight_ridged(stats, conv.weight.detach().to(torch.float64).cpu().reshape(conv.out_channels, -1))
     for _ in range(sweeps):
         horizontal, bias = _solve_horizontal(vertical, bias_used, ridged, kw)
         vertical = _solve_vertical(vertical, horizontal, bias, ridged)
