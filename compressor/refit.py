@@ -61,16 +61,17 @@ def refit_all_(
     refits: dict[str, Refit] = {}
     if walk.supports(module, list(stacks)) is None:
 
-        def visit(name: str, targets: list[torch.Tensor], hidden: list[torch.Tensor]) -> nn.Module:
+        def visit(name: str, targets: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor]) -> nn.Module:
             started(name)
             method, stack = stacks[name]
-            pairs = lambda: zip(targets, hidden, (batch.shape[0] for batch in targets))  # noqa: E731
+            pairs = lambda: zip(targets, hidden, sizes)  # noqa: E731
             refits[name] = refit_stack_(method, module.get_submodule(name), stack, pairs)
             return stack
 
         parameter = tree.first_parameter(module)
         if parameter is not None:  # as the re-run path does: batches in the model's dtype and device
             calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
+        sizes = [batch.shape[0] for batch in calibration]
         walk.walk_(module, calibration, {name: visit for name in stacks}, max_bytes, spilled)
         return refits
     working = copy.deepcopy(module)

@@ -25,7 +25,7 @@ in float16 (computed in float32, rounded to 2^-11 relative when stored; a tensor
 hold stays float32, as do the inputs of a node that writes into them; a graph that writes through
 a view, ``x[:, :2].zero_()``, stays float32 throughout, with a warning), which halves what is held;
 ``spilled`` is told at which node that happened. At the switch both copies exist for a moment
-(1.5x the limit), and a visited conv's inputs and outputs are read back in float32 for its refit.
+(1.5x the limit); a visited conv's refit reads its inputs and outputs back one batch at a time.
 
 What the walk cannot serve, :func:`supports` says (and the caller falls back to re-running the
 networks per layer): a model FX could not trace, a visited conv called more than once (its refit
@@ -43,9 +43,9 @@ from torch import fx, nn
 
 log = logging.getLogger(__name__)
 
-Visit = Callable[[str, list[torch.Tensor], list[torch.Tensor]], nn.Module]
+Visit = Callable[[str, Sequence[torch.Tensor], Sequence[torch.Tensor]], nn.Module]
 """``(conv name, original outputs per batch, compressed-network inputs per batch) -> module`` that
-runs in the compressed network from here on."""
+runs in the compressed network from here on. The sequences may be read any number of times."""
 
 
 def supports(module: nn.Module, names: Sequence[str]) -> str | None:
@@ -108,6 +108,20 @@ class _Half:
 
 def _read(value):
     return value.tensor.to(torch.float32) if isinstance(value, _Half) else value
+
+
+class _Restored(Sequence):
+    """A held list read back value by value (float32 for a :class:`_Half`), so a visited conv's
+    inputs and outputs never exist as full float32 copies while float16 is stored."""
+
+    def __init__(self, values: list):
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return _read(self.values[index])
 
 
 def _same(value):
@@ -218,11 +232,10 @@ def walk_(
                     _store_(original, compressed, _read, set(node.all_input_nodes))
                 _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None, half=half)
                 if name is not None:
-                    hidden = [_read(fx.node.map_arg(node.args, lambda n: compressed[n][b])[0]) for b in range(len(batches))]
-                    targets = [_read(value) for value in original[node]]
+                    hidden = _Restored([fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))])
+                    targets = _Restored(original[node])
                     chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
                     compressed[node] = [(_stored if half else _same)(chosen[name](x)) for x in hidden]
-                    del targets, hidden  # float32 copies while float16 is stored: not held past this node
             for done in freed.get(node, ()):
                 original.pop(done, None)
                 compressed.pop(done, None)
