@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compressor import compress, tree, zoo, zoo_unet, zoo_yolo  # noqa: E402
-from compressor.data import scale_uint8  # noqa: E402
+from compressor import compress, tree, zoo_unet, zoo_yolo  # noqa: E402
 from compressor.export import export_onnx  # noqa: E402
-from benchmark_latency import ort_version, time_pair  # noqa: E402
+from benchmark_latency import cifar_images, ort_version, time_pair  # noqa: E402
 from benchmarks_md import replace_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -53,12 +51,8 @@ MODELS = {
 
 
 def images(path: Path, start: int, count: int, side: int, batch: int) -> list[torch.Tensor]:
-    """Images ``start`` to ``start + count`` of a fixed shuffle of ``path``'s rows: the npz files are
-    sorted by class, so a plain slice would be one or two classes."""
-    mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
-    x = np.load(path)["x"]
-    rows = np.sort(np.random.default_rng(0).permutation(len(x))[start:start + count])
-    x = scale_uint8(x[rows], mean, std)
+    """:func:`benchmark_latency.cifar_images` upsampled to ``side``, in batches."""
+    x = cifar_images(path, start, count)
     return [F.interpolate(b, size=(side, side), mode="bilinear", align_corners=False) for b in x.split(batch)]
 
 

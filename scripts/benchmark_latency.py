@@ -45,14 +45,21 @@ from benchmarks_md import replace_section  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 
 
+def cifar_images(path: Path, start: int, count: int) -> torch.Tensor:
+    """Images ``start`` to ``start + count`` of a fixed shuffle of a shared CIFAR npz, normalized. The
+    files are sorted by class, so a slice of them, or any prefix of a sorted subset, would be one or
+    two classes: the shuffled order is kept."""
+    mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
+    x = np.load(path)["x"]
+    rows = np.random.default_rng(0).permutation(len(x))[start:start + count]
+    return scale_uint8(x[rows], mean, std)
+
+
 def _cifar_batches(count: int) -> list[torch.Tensor] | None:
     data = DATA / "cifar10-train-jpeg-20000.npz"
     if not data.is_file():
         return None
-    mean, std = np.array(zoo.CIFAR10_MEAN, np.float32), np.array(zoo.CIFAR10_STD, np.float32)
-    x = np.load(data)["x"]
-    rows = np.sort(np.random.default_rng(0).permutation(len(x))[:count])  # the npz is sorted by class
-    return list(scale_uint8(x[rows], mean, std).split(64))
+    return list(cifar_images(data, 0, count).split(64))
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], str, list[torch.Tensor]]:
