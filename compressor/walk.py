@@ -230,12 +230,13 @@ def walk_(
                 if half and _may_mutate(node, modules):
                     # It writes into an input: that input must be the held tensor, not a float32 copy of it.
                     _store_(original, compressed, _read, set(node.all_input_nodes))
-                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None, half=half)
+                keep = _stored if half else _same
+                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None, keep=keep)
                 if name is not None:
                     hidden = _Restored([fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))])
                     targets = _Restored(original[node])
                     chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
-                    compressed[node] = [(_stored if half else _same)(chosen[name](x)) for x in hidden]
+                    compressed[node] = [keep(chosen[name](x)) for x in hidden]
             for done in freed.get(node, ()):
                 original.pop(done, None)
                 compressed.pop(done, None)
@@ -271,11 +272,10 @@ def _may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
 
 
-def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True, half: bool = False) -> None:
+def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True, keep: Callable = _same) -> None:
     """Run ``node`` on every batch in the original network and, if ``both``, the compressed one;
-    once for both while all its inputs are the same tensors in both. With ``half``, outputs are stored
-    in float16 (:class:`_Half`)."""
-    keep = _stored if half else _same
+    once for both while all its inputs are the same tensors in both. Each output is held as
+    ``keep(output)`` (:func:`_stored` once the walk stores float16)."""
     inputs = node.all_input_nodes
     same = all(original[n] is compressed[n] for n in inputs) and node.target not in replaced
     shared = {n for n in inputs if original[n] is compressed[n]}
