@@ -151,6 +151,13 @@ def chunk_samples(inputs: torch.Tensor, width: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(inputs[0].numel() * width, 1))
 
 
+def pair_chunk_samples(target: torch.Tensor, hidden: torch.Tensor, taps: int) -> int:
+    """Samples per chunk of a refit's (target, hidden) batch: both the patches of ``hidden`` and the
+    columns of ``target`` stay under ``_CHUNK_ELEMENTS``. A wide output of a narrow input (a 64->256
+    1x1 at 56x56) would otherwise take 4x the patches' memory: 0.5 GB of float64 targets a chunk."""
+    return min(chunk_samples(hidden, taps), chunk_samples(target, 1))
+
+
 def _chunks(inputs: torch.Tensor, width: int) -> Iterable[torch.Tensor]:
     return inputs.split(chunk_samples(inputs, width))
 
@@ -357,18 +364,67 @@ class Refit:
     samples: int
 
 
-def add_products(gram: torch.Tensor, cross: torch.Tensor, columns: torch.Tensor, wanted: torch.Tensor, with_constant: bool) -> None:
-    """``gram += [p; 1][p; 1]^T`` and ``cross += y [p; 1]^T`` over the columns ``p`` and ``y``
-    (float64), with the constant row's sums taken directly instead of a copy with a ones row."""
-    size = columns.shape[0]
-    gram[:size, :size] += _gram(columns).cpu()
-    cross[:, :size] += (wanted @ columns.T).cpu()
-    if with_constant:
-        sums = columns.sum(1).cpu()
-        gram[:size, size] += sums
-        gram[size, :size] += sums
-        gram[size, size] += columns.shape[1]
-        cross[:, size] += wanted.sum(1).cpu()
+def product_dtype(activations: torch.Tensor) -> torch.dtype:
+    """The precision :class:`Products` multiplies ``activations`` in: theirs, at least float32."""
+    return torch.promote_types(activations.dtype, torch.float32)
+
+
+@dataclass
+class Products:
+    """Sums over calibration positions for a least-squares fit of ``y ~ W [p; 1]`` near a reference
+    ``W0`` (the weights in use): ``gram = sum [p; 1][p; 1]^T`` (the constant only ``with_constant``),
+    the *residual* cross term ``cross = sum r [p; 1]^T`` and ``residual_energy = sum |r|^2`` with
+    ``r = y - W0 [p; 1]``, and ``energy = sum |y|^2``.
+
+    The products are float32 per chunk (half the time and bytes of float64 on this CPU), summed in
+    float64. Errors are read about the reference, ``|r|^2 - 2 <W - W0, cross> + <W - W0, (W - W0) gram>``,
+    so float32 rounding (1e-7 of each sum) is relative to the residual, not to ``|y|^2``: reading
+    ``sum |y - W p|^2`` as a difference of the raw sums would lose an exact stack's 1e-10 relative
+    error in the rounding of ``|y|^2`` (a relative error read as 3e-4 instead of 1e-5).
+    """
+
+    gram: torch.Tensor  # (size, size) float64
+    cross: torch.Tensor  # (out, size) float64: residual cross term
+    reference: torch.Tensor  # (out, size) float64
+    energy: float = 0.0
+    residual_energy: float = 0.0
+    samples: int = 0
+
+    @classmethod
+    def zeros(cls, reference: torch.Tensor) -> Products:
+        size = reference.shape[1]
+        return cls(torch.zeros(size, size, dtype=torch.float64), torch.zeros_like(reference, dtype=torch.float64), reference.to(torch.float64))
+
+    def add_(self, columns: torch.Tensor, wanted: torch.Tensor, with_constant: bool) -> None:
+        """Add the positions of one chunk: patch ``columns`` (D, n) and targets ``wanted`` (out, n), float32."""
+        size = columns.shape[0]
+        reference = self.reference.to(columns.dtype)
+        residual = wanted - reference[:, :size].to(columns.device) @ columns
+        if with_constant:
+            residual -= reference[:, size:].to(columns.device)
+        self.gram[:size, :size] += _gram(columns).cpu()
+        self.cross[:, :size] += (residual @ columns.T).to(torch.float64).cpu()
+        if with_constant:
+            sums = columns.sum(1, dtype=torch.float64).cpu()
+            self.gram[:size, size] += sums
+            self.gram[size, :size] += sums
+            self.gram[size, size] += columns.shape[1]
+            self.cross[:, size] += residual.sum(1, dtype=torch.float64).cpu()
+        self.energy += float(torch.linalg.vector_norm(wanted, dtype=torch.float64)) ** 2
+        self.residual_energy += float(torch.linalg.vector_norm(residual, dtype=torch.float64)) ** 2
+
+    def target_cross(self) -> torch.Tensor:
+        """``sum y [p; 1]^T`` (out, size), what a least-squares solve for ``W`` reads."""
+        return self.cross + self.reference @ self.gram
+
+    def squared_error(self, weights: torch.Tensor) -> float:
+        """``sum |y - W [p; 1]|^2`` for ``weights`` (out, size), read about the reference."""
+        delta = weights.to(torch.float64) - self.reference
+        return self.residual_energy - 2 * float((delta * self.cross).sum()) + float(((delta @ self.gram) * delta).sum())
+
+    def relative(self, squared_error: float) -> float:
+        """``squared_error`` as a relative output error (the norm ratio the reports use)."""
+        return max(squared_error, 0.0) ** 0.5 / max(self.energy, 1e-300) ** 0.5
 
 
 def refit_last_factor_(
@@ -434,30 +490,21 @@ def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) ->
     geometry = (last.kernel_size, last.stride, last.padding, last.dilation)
     taps = last.kernel_size[0] * last.kernel_size[1]
     with_bias = last.bias is not None
-    size = last.weight[0].numel() * last.groups + int(with_bias)
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(last.out_channels, size, dtype=torch.float64)
-    energy, samples = 0.0, 0
-    with torch.no_grad(), reused_buffers():
-        for target, hidden, batch_size in pairs:
-            samples += batch_size
-            for part_target, part_hidden in zip(*(t.split(chunk_samples(hidden, taps)) for t in (target, hidden))):
-                # float64 products: the errors below are differences of these sums, and an exact
-                # stack's squared error (under 1e-10 of the energy) would drown in float32 rounding
-                # (about 1e-7 of it: a relative error read as 3e-4 instead of 1e-5).
-                columns = patch_columns(head(part_hidden), geometry, torch.float64, slot="patches")
-                wanted = patch_columns(part_target, CHANNELS, torch.float64, slot="targets")
-                add_products(gram, cross, columns, wanted, with_bias)
-                energy += float(torch.dot(wanted.reshape(-1), wanted.reshape(-1)))
     current = _dense_weights(last)
     if with_bias:
         current = torch.cat([current, last.bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
-
-    def squared_error(weights: torch.Tensor) -> float:
-        return energy - 2 * float((weights * cross).sum()) + float(((weights @ gram) * weights).sum())
-
-    solved = _solve_blocks(gram, cross, last.groups, with_bias, ridge)
-    before, after = squared_error(current), squared_error(solved)
+    products = Products.zeros(current)
+    with torch.no_grad(), reused_buffers():
+        for target, hidden, batch_size in pairs:
+            products.samples += batch_size
+            step = pair_chunk_samples(target, hidden, taps)
+            for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
+                dtype = product_dtype(part_target)
+                columns = patch_columns(head(part_hidden), geometry, dtype, slot="patches")
+                wanted = patch_columns(part_target, CHANNELS, dtype, slot="targets")
+                products.add_(columns, wanted, with_bias)
+    solved = _solve_blocks(products.gram, products.target_cross(), last.groups, with_bias, ridge)
+    before, after = products.residual_energy, products.squared_error(solved)
     if not torch.isfinite(solved).all() or after >= before:
         after, solved = before, current
     else:
@@ -465,5 +512,4 @@ def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) ->
             last.weight.copy_(_grouped_weights(solved[:, : solved.shape[1] - int(with_bias)], last).to(last.weight.dtype))
             if with_bias:
                 last.bias.copy_(solved[:, -1].to(last.bias.dtype))
-    denominator = max(energy, 1e-300)
-    return Refit(max(before, 0.0) ** 0.5 / denominator**0.5, max(after, 0.0) ** 0.5 / denominator**0.5, samples)
+    return Refit(products.relative(before), products.relative(after), products.samples)

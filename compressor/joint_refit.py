@@ -39,12 +39,21 @@ _WEIGHT_RIDGE = 1e-3
 
 @dataclass
 class PatchStatistics:
-    """Sums over calibration positions; the last row/column of ``gram``/``cross`` is the constant 1."""
+    """What the ALS solves read: ``gram`` (D+1, D+1) and ``cross`` (D+1, out), sums of ``[p; 1][p; 1]^T``
+    and ``[p; 1] y^T`` over calibration positions (the last row/column is the constant 1), and
+    ``products``, the same sums about the original layer, which the errors are read from."""
 
-    gram: torch.Tensor  # (D+1, D+1)
-    cross: torch.Tensor  # (D+1, out)
-    energy: float
-    samples: int
+    gram: torch.Tensor
+    cross: torch.Tensor
+    products: calibrate.Products
+
+    @property
+    def energy(self) -> float:
+        return self.products.energy
+
+    @property
+    def samples(self) -> int:
+        return self.products.samples
 
 
 def collect_patch_statistics(
@@ -54,26 +63,28 @@ def collect_patch_statistics(
     return patch_statistics(conv, paired_calls(original, working, name, calls, batches))
 
 
+def _packed_weights(conv: nn.Conv2d) -> torch.Tensor:
+    """``[W | b]`` (out, D+1) of ``conv`` in float64, a zero bias column when it has none."""
+    weight = conv.weight.detach().to(torch.float64).cpu().reshape(conv.out_channels, -1)
+    bias = conv.bias.detach().to(torch.float64).cpu() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
+    return torch.cat([weight, bias[:, None]], dim=1)
+
+
 def patch_statistics(conv: nn.Conv2d, pairs: Pairs) -> PatchStatistics:
     """The sums of :class:`PatchStatistics` over ``pairs`` (see :data:`compressor.calibrate.Pairs`)."""
     geometry = (conv.kernel_size, conv.stride, layers.factor_padding(conv), conv.dilation)
     taps = conv.kernel_size[0] * conv.kernel_size[1]
-    size = conv.in_channels * taps + 1
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(conv.out_channels, size, dtype=torch.float64)
-    energy, samples = 0.0, 0
+    products = calibrate.Products.zeros(_packed_weights(conv))
     with torch.no_grad(), calibrate.reused_buffers():
         for target, hidden, batch_size in pairs:
-            samples += batch_size
-            step = calibrate.chunk_samples(hidden, taps)
+            products.samples += batch_size
+            step = calibrate.pair_chunk_samples(target, hidden, taps)
             for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
-                # float64 products: errors are read as differences of these sums (see fit_last_factor_)
-                columns = calibrate.patch_columns(part_hidden, geometry, torch.float64, slot="patches")
-                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, torch.float64, slot="targets")
-                calibrate.add_products(gram, cross, columns, wanted, with_constant=True)
-                energy += float(torch.dot(wanted.reshape(-1), wanted.reshape(-1)))
-    cross = cross.T.contiguous()
-    return PatchStatistics(gram, cross, energy, samples)
+                dtype = calibrate.product_dtype(part_target)
+                columns = calibrate.patch_columns(part_hidden, geometry, dtype, slot="patches")
+                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, dtype, slot="targets")
+                products.add_(columns, wanted, with_constant=True)
+    return PatchStatistics(products.gram, products.target_cross().T.contiguous(), products)
 
 
 def _effective(vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,7 @@ def _adjoint(gradient: torch.Tensor, horizontal: torch.Tensor, shape: tuple[int,
 
 def _error(weights: torch.Tensor, stats: PatchStatistics) -> float:
     """Squared error of ``[W_eff | b]`` (out, D+1)."""
-    return stats.energy - 2 * float((weights * stats.cross.T).sum()) + float(((weights @ stats.gram) * weights).sum())
+    return stats.products.squared_error(weights)
 
 
 def _solve_horizontal(vertical, bias_used: bool, stats: PatchStatistics, kw: int):
@@ -168,7 +179,7 @@ def _weight_ridged(stats: PatchStatistics, weight: torch.Tensor) -> PatchStatist
     ridge = _WEIGHT_RIDGE * float(torch.diagonal(gram)[:size].mean().clamp_min(1e-300))
     gram.diagonal()[:size] += ridge
     cross[:size] += ridge * weight.T
-    return PatchStatistics(gram, cross, stats.energy, stats.samples)
+    return PatchStatistics(gram, cross, stats.products)
 
 
 def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, sweeps: int = 6) -> Refit:
@@ -209,5 +220,4 @@ def spatial_als_(stack: nn.Sequential, conv: nn.Conv2d, stats: PatchStatistics, 
             last.weight.copy_(horizontal[:, :, None, :].to(last.weight))
             if bias_used:
                 last.bias.copy_(bias.to(last.bias))
-    denominator = max(stats.energy, 1e-300)
-    return Refit(max(before, 0.0) ** 0.5 / denominator**0.5, max(min(error, before), 0.0) ** 0.5 / denominator**0.5, stats.samples)
+    return Refit(stats.products.relative(before), stats.products.relative(min(error, before)), stats.samples)

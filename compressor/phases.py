@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import resource
 import sys
@@ -42,3 +43,20 @@ def peak_memory_mib() -> float:
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
+
+
+def release_freed_memory() -> None:
+    """Hand the memory a phase freed back to the OS, so the next phase's peak does not come on top of it
+    (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks under its mmap threshold (which rises to 32 MiB as large blocks are freed)
+    in its heaps for reuse, while the refit's activation lists are mmapped beside them: for ResNet-50 at
+    224 the calibration Grams, the sensitivity backward pass and the whitenings left 4 GB of free heap
+    under the refit (RSS 4.6 GB at its start with 0.5 GB of tensors alive), measured.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass

@@ -30,7 +30,7 @@ def _unfolded(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor
     if whitening is not None and whitening.size != in_channels * kh:
         raise ValueError(f"Expected a whitening of size in*kh={in_channels * kh}, got {whitening.size}")
     unfolded = weight.detach().to(torch.float64).permute(1, 2, 0, 3).reshape(in_channels * kh, out_channels * kw)
-    return unfolded if whitening is None else whitening.root.to(unfolded.device) @ unfolded
+    return unfolded if whitening is None else whitening.root.mT.to(unfolded.device) @ unfolded
 
 
 def spatial_separable_spectrum(weight: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
@@ -54,7 +54,7 @@ def spatial_separable(
     root = s[:rank].sqrt()
     columns = u[:, :rank] * root
     if whitening is not None:
-        columns = whitening.inverse.to(columns.device) @ columns
+        columns = whitening.inverse.mT.to(columns.device) @ columns
     vertical = columns.reshape(in_channels, kh, rank).permute(2, 0, 1).unsqueeze(-1)
     horizontal = (vh[:rank].T * root).reshape(out_channels, kw, rank).permute(0, 2, 1).unsqueeze(2)
     return vertical.contiguous().to(weight.dtype), horizontal.contiguous().to(weight.dtype)
