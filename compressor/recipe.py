@@ -485,6 +485,10 @@ class Calibration(BaseModel):
     #: The refit's one pass holds every calibration image's live activations, of the original and the
     #: compressed network; past this many GiB they are stored in float16 (report: ``refit_activations``).
     activation_memory_gib: _Positive = 4.0
+    #: A conv that feeds a residual addition (through its BatchNorm) is refitted so that the *sum*
+    #: matches the original network's, absorbing the error the shortcut carries; ``false`` fits its own
+    #: output only. Shared ResNet-32, half the MACs, no fine-tune: -0.86 -> -0.60 pt held-out.
+    block_targets: bool = True
 
 
 class FineTune(BaseModel):

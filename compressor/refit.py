@@ -50,13 +50,16 @@ def refit_all_(
     started: Callable[[str], None] = lambda name: None,
     max_bytes: int | None = None,
     spilled: Callable[[str, int], None] = lambda node, held: None,
+    block_targets: bool = False,
 ) -> dict[str, Refit]:
     """Refit every ``stacks[name] = (method, stack)`` in place, in the dict's order (execution order).
 
     ``module`` holds the original convs under the names of ``stacks`` and is not changed;
     ``calls[name]`` is how often the model calls that conv (the re-run fallback needs it);
     ``started(name)`` is told as each layer's refit begins (a progress bar); ``max_bytes`` and
-    ``spilled`` bound the one-pass walk's held activations (see :func:`compressor.walk.walk_`).
+    ``spilled`` bound the one-pass walk's held activations; ``block_targets`` fits convs that feed a
+    residual sum to the original sum (both: see :func:`compressor.walk.walk_`; the re-run path fits
+    every conv to its own original output).
     """
     refits: dict[str, Refit] = {}
     if walk.supports(module, list(stacks)) is None:
@@ -72,7 +75,7 @@ def refit_all_(
         if parameter is not None:  # as the re-run path does: batches in the model's dtype and device
             calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
         sizes = [batch.shape[0] for batch in calibration]
-        walk.walk_(module, calibration, {name: visit for name in stacks}, max_bytes, spilled)
+        walk.walk_(module, calibration, {name: visit for name in stacks}, max_bytes, spilled, block_targets)
         return refits
     working = copy.deepcopy(module)
     for name, (method, stack) in stacks.items():

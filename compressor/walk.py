@@ -22,10 +22,12 @@ block input, 256x56x56, is 1.6 GB in each network). The calibration set is not c
 refit needs all of the set before the walk may go on, so chunking would not lower the peak. Instead,
 once the held float32 activations pass ``max_bytes``, every held and later activation is *stored*
 in float16 (computed in float32, rounded to 2^-11 relative when stored; a tensor float16 cannot
-hold stays float32, as do the inputs of a node that writes into them; a graph that writes through
-a view, ``x[:, :2].zero_()``, stays float32 throughout, with a warning), which halves what is held;
-``spilled`` is told at which node that happened. At the switch both copies exist for a moment
-(1.5x the limit); a visited conv's refit reads its inputs and outputs back one batch at a time.
+hold stays float32, as do the inputs of a node that writes into them while a later node reads them;
+a graph that writes through a view, ``x[:, :2].zero_()``, stays float32 throughout, with a warning),
+which halves what is held; ``spilled`` is told at which node that happened. The limit is checked as
+each batch's output is kept, and held lists are converted one at a time, so the float32 held passes
+it by at most one batch and one list; a visited conv's refit reads its inputs and outputs back one
+batch at a time.
 
 What the walk cannot serve, :func:`supports` says (and the caller falls back to re-running the
 networks per layer): a model FX could not trace, a visited conv called more than once (its refit
@@ -191,12 +193,84 @@ def _writes_through_a_view(graph: fx.Graph, modules: dict[str, nn.Module]) -> fx
     return None
 
 
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in ("add", "add_"))
+
+
+def _residual_partner(conv: fx.Node, modules: dict[str, nn.Module]) -> tuple[torch.Tensor | None, fx.Node] | None:
+    """``(a, s)`` when ``conv``'s output ``y`` reaches an addition only through a per-channel affine map
+    (an eval-mode BatchNorm, ``a * y + b``, or nothing: ``a`` is ``None``), the other operand being ``s``."""
+    scale, current = None, conv
+    users = list(current.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if user.op == "call_module" and isinstance(modules[user.target], nn.BatchNorm2d):
+        norm = modules[user.target]
+        if norm.training or norm.running_var is None or len(user.users) != 1:
+            return None
+        scale = torch.rsqrt(norm.running_var.detach().float() + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach().float()
+        current, user = user, next(iter(user.users))
+    if not _is_add(user) or user.args[0] is user.args[1]:
+        return None
+    return scale, (user.args[1] if user.args[0] is current else user.args[0])
+
+
+def _ahead(partner: fx.Node, conv: fx.Node, env: dict, modules: dict[str, nn.Module], visited: set) -> list[fx.Node] | None:
+    """The not-yet-evaluated nodes ``partner`` needs, in graph order, when they can run before ``conv``'s
+    users: none of them reads ``conv``, is a visited conv, or writes into an input. ``None`` otherwise."""
+    needed, stack = {}, [partner]
+    while stack:
+        node = stack.pop()
+        if node in env or node in needed:
+            continue
+        if node is conv or node.op in ("placeholder", "output") or _may_mutate(node, modules):
+            return None
+        if node.op == "call_module" and id(modules[node.target]) in visited:
+            return None
+        needed[node] = None
+        stack.extend(node.all_input_nodes)
+    order = {node: index for index, node in enumerate(conv.graph.nodes)}
+    return sorted(needed, key=order.__getitem__)
+
+
+class _BlockTargets(Sequence):
+    """What a conv must output for the residual sum it feeds to match the original's, batch by batch:
+    ``y + (s_original - s_compressed) / a`` (channels whose ``|a|`` is under 1e-3 of the median keep ``y``)."""
+
+    def __init__(self, outputs: list, original: list, compressed: list, scale: torch.Tensor | None):
+        self.outputs, self.original, self.compressed = outputs, original, compressed
+        if scale is None:
+            self.inverse = None
+        else:
+            usable = scale.abs() >= 1e-3 * scale.abs().median()
+            self.inverse = torch.where(usable, 1 / torch.where(usable, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __getitem__(self, index):
+        y = _read(self.outputs[index])
+        delta = _read(self.original[index]) - _read(self.compressed[index])
+        if self.inverse is not None:
+            delta = delta * self.inverse.to(delta).view(1, -1, *([1] * (delta.dim() - 2)))
+        return y + delta
+
+
 def walk_(
     module: fx.GraphModule,
     batches: Sequence[torch.Tensor],
     visit: dict[str, Visit],
     max_bytes: int | None = None,
     spilled: Callable[[str, int], None] = lambda node, held: None,
+    block_targets: bool = False,
 ) -> dict[str, nn.Module]:
     """Walk ``batches`` through ``module`` once; return the replacement each visited conv got.
 
@@ -204,6 +278,16 @@ def walk_(
     graph order. ``module`` itself is not changed. Check :func:`supports` first. Past ``max_bytes``
     of held activations, they are stored in float16 from then on, and ``spilled(node name, bytes
     held when it happened)`` is called once.
+
+    With ``block_targets``, a visited conv whose output reaches a residual addition only through a
+    per-channel affine map (an eval-mode BatchNorm) is handed, instead of its original outputs, what it
+    must output for the *sum* to match the original network's: ``y + (s - s') / a``, with ``s`` and
+    ``s'`` the other operand in the original and the compressed network and ``a`` the BatchNorm's
+    scale. The shortcut carries every upstream layer's error uncorrected; fitting the branch to absorb
+    it is the block-output reconstruction of layer-wise schemes such as BRECQ (Li et al., ICLR 2021),
+    kept linear here. The other operand is evaluated early when it does not depend on the conv (a
+    shortcut computed after the branch in graph order); when it cannot be (it holds a visited conv or
+    an in-place op), the conv gets its original outputs.
     """
     modules = dict(module.named_modules(remove_duplicate=False))
     by_module = {id(modules[name]): name for name in visit}
@@ -212,14 +296,18 @@ def walk_(
     original: dict[fx.Node, list] = {}
     compressed: dict[fx.Node, list] = {}
     freed = _last_uses(module.graph)
+    order = {node: index for index, node in enumerate(module.graph.nodes)}
     inputs_seen = 0
-    half = warned = False
     unsafe = _writes_through_a_view(module.graph, modules) if max_bytes is not None else None
+    storage = _Storage(max_bytes, unsafe)
+    evaluated_ahead: set[fx.Node] = set()
     with torch.no_grad():
         for node in module.graph.nodes:
             if node.op == "output":
                 break
-            if node.op == "placeholder":
+            if node in evaluated_ahead:
+                pass
+            elif node.op == "placeholder":
                 inputs_seen += 1
                 value = list(batches) if inputs_seen == 1 else [node.args[0]] * len(batches)
                 original[node] = compressed[node] = value
@@ -227,32 +315,80 @@ def walk_(
                 original[node] = compressed[node] = [_attribute(module, node.target)] * len(batches)
             else:
                 name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
-                if half and _may_mutate(node, modules):
-                    # It writes into an input: that input must be the held tensor, not a float32 copy of it.
-                    _store_(original, compressed, _read, set(node.all_input_nodes))
-                keep = _stored if half else _same
-                _evaluate(node, modules, original, compressed, replaced, len(batches), both=name is None, keep=keep)
+                if storage.half and _may_mutate(node, modules):
+                    # It writes into an input: an input read later must be the held tensor, not a
+                    # float32 copy of it. An input nothing reads afterwards can stay float16.
+                    read_later = {n for n in node.all_input_nodes if any(u is not node and order[u] > order[node] for u in n.users)}
+                    _store_(original, compressed, _read, read_later)
+                # A visited conv's inputs are read again by its refit, after this.
+                release = [n for n in freed.get(node, ()) if n.op not in ("placeholder", "get_attr")] if name is None else []
+                _evaluate(
+                    node, modules, original, compressed, replaced, len(batches), both=name is None, keep=storage.keep, release=release
+                )
                 if name is not None:
                     hidden = _Restored([fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))])
                     targets = _Restored(original[node])
+                    partner = _residual_partner(node, modules) if block_targets else None
+                    if partner is not None:
+                        scale, other = partner
+                        needed = _ahead(other, node, original, modules, set(by_module))
+                        if needed is not None:
+                            for ahead in needed:
+                                _evaluate(ahead, modules, original, compressed, replaced, len(batches), keep=storage.keep)
+                                evaluated_ahead.add(ahead)
+                            if original[other] is not compressed[other] and all(
+                                isinstance(o, (torch.Tensor, _Half)) and _read(o).shape == _read(y).shape
+                                for o, y in zip(original[other], original[node])
+                            ):
+                                targets = _BlockTargets(original[node], original[other], compressed[other], scale)
                     chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
-                    compressed[node] = [keep(chosen[name](x)) for x in hidden]
+                    compressed[node] = [storage.keep(chosen[name](x)) for x in hidden]
             for done in freed.get(node, ()):
                 original.pop(done, None)
                 compressed.pop(done, None)
-            if max_bytes is not None and not half and not warned:
-                held = _held_bytes(original, compressed)
-                if held > max_bytes and unsafe is not None:
-                    warned = True
-                    log.warning(
-                        "refit: the calibration activations hold %.1f GiB at %s, over the limit, but %s writes "
-                        "through a view, so they stay float32", held / 2**30, node.name, unsafe.name,
-                    )
-                elif held > max_bytes:
-                    half = True
-                    if _store_(original, compressed, _stored):
-                        spilled(node.name, held)
+            storage.settle_(node, original, compressed, spilled)
     return chosen
+
+
+class _Storage:
+    """How the walk holds activations: as computed until they would pass ``max_bytes``, then every held
+    and later float32 activation in float16. The limit is checked as each output is kept, batch by
+    batch, so the float32 held never passes it by more than one batch's output; checked only after a
+    node (ResNet-50 at 224, 512 images), the node's two 1.6 GB outputs came on top of the limit."""
+
+    def __init__(self, max_bytes: int | None, unsafe: fx.Node | None):
+        self.max_bytes, self.unsafe = max_bytes, unsafe
+        self.half = self.warned = False
+        self.held = 0
+        self._switched_at: int | None = None
+
+    def keep(self, value):
+        if self.half:
+            return _stored(value)
+        if self.max_bytes is None or self.warned or not isinstance(value, torch.Tensor):
+            return value
+        self.held += value.nbytes
+        if self.held <= self.max_bytes:
+            return value
+        if self.unsafe is not None:
+            self.warned = True
+            log.warning(
+                "refit: the calibration activations hold %.1f GiB, over the limit, but %s writes through a view, "
+                "so they stay float32", self.held / 2**30, self.unsafe.name,
+            )
+            return value
+        self.half, self._switched_at = True, self.held
+        return _stored(value)
+
+    def settle_(self, node: fx.Node, original: dict, compressed: dict, spilled: Callable[[str, int], None]) -> None:
+        """After ``node``: recount what is held (outputs were freed), and if the limit was passed while
+        ``node`` ran, store every held activation in float16 and tell ``spilled``."""
+        if self._switched_at is not None:
+            _store_(original, compressed, _stored)
+            spilled(node.name, self._switched_at)
+            self._switched_at = None
+        elif self.max_bytes is not None and not self.half and not self.warned:
+            self.held = _held_bytes(original, compressed)
 
 
 _INPLACE_FUNCTIONS = {
@@ -272,35 +408,36 @@ def _may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
 
 
-def _evaluate(node, modules, original, compressed, replaced, count: int, *, both: bool = True, keep: Callable = _same) -> None:
+def _evaluate(
+    node, modules, original, compressed, replaced, count: int, *, both: bool = True, keep: Callable = _same, release=()
+) -> None:
     """Run ``node`` on every batch in the original network and, if ``both``, the compressed one;
     once for both while all its inputs are the same tensors in both. Each output is held as
-    ``keep(output)`` (:func:`_stored` once the walk stores float16)."""
+    ``keep(output)`` (:func:`_stored` once the walk stores float16). ``release``: inputs nothing reads
+    after this node; each of their batches is dropped as soon as both networks have read it, so a
+    node's inputs and outputs are not all held at once (ResNet-50 at 224, 512 images: a layer1 add's
+    float16 inputs and output, in both networks, are 4.9 GB; with this, at most 3.3 GB and a batch)."""
     inputs = node.all_input_nodes
     same = all(original[n] is compressed[n] for n in inputs) and node.target not in replaced
-    shared = {n for n in inputs if original[n] is compressed[n]}
+    run_compressed = both and not same
+    shared = [n for n in inputs if original[n] is compressed[n]]
     # A node that writes into an input must not write into a tensor the other network still reads.
-    private = both and not same and shared and _may_mutate(node, modules)
-    if private:
-        # (a stored _Half is read into a fresh tensor anyway)
-        copies = {n: [value.clone() if isinstance(value, torch.Tensor) else value for value in original[n]] for n in shared}
-        compressed_env = {n: copies.get(n, compressed[n]) for n in inputs}
-    else:
-        compressed_env = compressed
-    values = []
+    private = run_compressed and shared and _may_mutate(node, modules)
+    originals, compresseds = [], []
     for b in range(count):
+        # (a stored _Half is read into a fresh tensor anyway)
+        copies = {n: original[n][b].clone() for n in shared if isinstance(original[n][b], torch.Tensor)} if private else {}
         args = fx.node.map_arg(node.args, lambda n: _read(original[n][b]))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: _read(original[n][b]))
-        values.append(keep(_run(node, modules, args, kwargs, {})))
-    original[node] = values
+        originals.append(keep(_run(node, modules, args, kwargs, {})))
+        if run_compressed:
+            args = fx.node.map_arg(node.args, lambda n: copies[n] if n in copies else _read(compressed[n][b]))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: copies[n] if n in copies else _read(compressed[n][b]))
+            compresseds.append(keep(_run(node, modules, args, kwargs, replaced)))
+        for n in release:
+            original[n][b] = compressed[n][b] = None
+    original[node] = originals
     if same and both:
-        compressed[node] = values
-        return
-    if not both:
-        return
-    values = []
-    for b in range(count):
-        args = fx.node.map_arg(node.args, lambda n: _read(compressed_env[n][b]))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: _read(compressed_env[n][b]))
-        values.append(keep(_run(node, modules, args, kwargs, replaced)))
-    compressed[node] = values
+        compressed[node] = originals
+    elif run_compressed:
+        compressed[node] = compresseds

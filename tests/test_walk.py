@@ -135,14 +135,14 @@ def test_inplace_ops_do_not_leak_between_the_networks(max_bytes):
 def test_activations_past_the_memory_limit_are_stored_in_float16(monkeypatch):
     model, stacks, batches = _model_and_stacks()
     full = refit.refit_all_(model, copy.deepcopy(stacks), batches, {name: 1 for name in stacks})
-    halves, spills = [], []
+    float32_left, spills = [], []
     store = walk._store_
 
     def spy(original, compressed, how, nodes=None):
-        before = walk._held_bytes(original, compressed)
         changed = store(original, compressed, how, nodes)
         if how is walk._stored:
-            halves.append((before, walk._held_bytes(original, compressed)))
+            held = [value for env in (original, compressed) for node, values in env.items() if node.op not in ("placeholder", "get_attr") for value in values]
+            float32_left.append(sum(isinstance(value, torch.Tensor) and value.dtype == torch.float32 for value in held))
         return changed
 
     monkeypatch.setattr(walk, "_store_", spy)
@@ -151,12 +151,33 @@ def test_activations_past_the_memory_limit_are_stored_in_float16(monkeypatch):
         model, spilled_stacks, batches, {name: 1 for name in stacks}, max_bytes=1, spilled=lambda node, held: spills.append((node, held))
     )
     assert len(spills) == 1 and spills[0][1] > 1, spills
-    (before, after), = halves
-    assert after == before // 2, f"held {before} bytes before storing in float16, {after} after"
+    assert float32_left == [0], f"float32 activations still held after the switch: {float32_left}"
     # float16 storage rounds each stored activation by up to 2^-11: the refits barely move.
     worst = max(abs(limited[n].error_after - full[n].error_after) for n in stacks)
     assert worst < 2e-3, f"refit errors with float16 storage differ by up to {worst:.2e}"
     assert all(limited[n].error_after < limited[n].error_before for n in stacks), limited
+
+
+def test_the_limit_is_checked_batch_by_batch():
+    """The float32 held when the walk switches to float16 passes the limit by at most one batch's output,
+    though a single node's outputs (8 batches, both networks) are several times the limit."""
+    model, stacks, batches = _model_and_stacks()
+    batches = [batch for batch in batches for _ in range(4)]  # 8 batches
+    sizes, spills = [], []
+    keep = walk._Storage.keep
+
+    def spy(self, value):
+        if isinstance(value, torch.Tensor):
+            sizes.append(value.nbytes)
+        return keep(self, value)
+
+    limit = 40_000
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(walk._Storage, "keep", spy)
+        refit.refit_all_(model, stacks, batches, {name: 1 for name in stacks}, max_bytes=limit, spilled=lambda *a: spills.append(a))
+    (node, held), = spills
+    assert limit < held <= limit + max(sizes), f"switched at {node} holding {held} bytes; limit {limit}, largest batch output {max(sizes)}"
+    assert 8 * max(sizes) > 2 * limit, "the test needs a node whose outputs pass the limit by far"
 
 
 def test_below_the_memory_limit_nothing_is_stored_in_float16():
@@ -193,3 +214,81 @@ def test_a_write_through_a_view_keeps_float32_storage(caplog):
         expected[:, :1] = 0
     assert spills == [] and "writes through a view" in caplog.text, (spills, caplog.text)
     assert torch.equal(seen["c"], expected), f"c's input off by {(seen['c'] - expected).abs().max():.3e}"
+
+
+class _Block(nn.Module):
+    """conv -> BN -> + shortcut, the shortcut either the input itself or computed after the branch."""
+
+    def __init__(self, shortcut: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Conv2d(4, 4, 1) if shortcut != "identity" else nn.Identity()
+        self.kind = shortcut
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        out = self.bn(self.conv(x))
+        skip = torch.tanh(self.shortcut(x)) if self.kind == "late" else x  # "late": evaluated after the branch
+        return torch.relu(out + skip)
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "late"])
+def test_block_targets_absorb_the_shortcut_error(shortcut):
+    """The conv feeding the sum is handed y + (s - s') / a: with it, the compressed block reproduces
+    the original block's output where the branch alone could not."""
+    torch.manual_seed(1)
+    model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block(shortcut)).eval())
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))  # a different stem: the shortcut differs from the original
+    batch = torch.randn(2, 3, 6, 6)
+    seen = {}
+
+    def visit(name, targets, hidden):
+        seen[name] = targets[0]
+        return stem if name == "stem" else model.get_submodule(name)
+
+    walk.walk_(model, [batch], {"stem": visit, "conv": visit}, block_targets=True)
+    with torch.no_grad():
+        x_original, x_compressed = torch.relu(model.stem(batch)), torch.relu(stem(batch))
+        skip = (lambda x: torch.tanh(model.shortcut(x))) if shortcut == "late" else (lambda x: x)
+        bn = model.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        expected = model.conv(x_original) + (skip(x_original) - skip(x_compressed)) / scale.view(1, -1, 1, 1)
+        # an output of exactly the handed target makes the compressed sum the original one
+        sum_with_target = bn(seen["conv"]) + skip(x_compressed)
+        original_sum = bn(model.conv(x_original)) + skip(x_original)
+    off = float((seen["conv"] - expected).abs().max() / expected.abs().max())
+    assert off < 1e-5, f"target off by {off:.2e}"
+    residual = float((sum_with_target - original_sum).abs().max() / original_sum.abs().max())
+    assert residual < 1e-5, f"the sum with the handed target is off the original sum by {residual:.2e}"
+
+
+def test_block_targets_fall_back_when_the_shortcut_holds_a_visited_conv():
+    torch.manual_seed(2)
+    model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block("late")).eval())
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    batch = torch.randn(2, 3, 6, 6)
+    seen = {}
+
+    def visit(name, targets, hidden):
+        seen[name] = targets[0]
+        return stem if name == "stem" else model.get_submodule(name)
+
+    walk.walk_(model, [batch], {"stem": visit, "conv": visit, "shortcut": visit}, block_targets=True)
+    with torch.no_grad():
+        plain = model.conv(torch.relu(model.stem(batch)))
+    assert torch.allclose(seen["conv"], plain, atol=1e-6), "a shortcut holding a visited conv cannot run early: plain targets"
+
+
+def test_released_inputs_are_dropped_batch_by_batch():
+    graph = fx.symbolic_trace(nn.Sequential(nn.ReLU())).graph
+    x, relu = [n for n in graph.nodes if n.op != "output"][-2:]
+    batches = [torch.randn(2, 3) for _ in range(3)]
+    shifted = [b - 1 for b in batches]
+    original, compressed = {x: list(batches)}, {x: list(shifted)}
+    modules = {"0": nn.ReLU()}
+    walk._evaluate(relu, modules, original, compressed, {}, 3, release=[x])
+    assert original[x] == [None] * 3 and compressed[x] == [None] * 3, "released input batches are still held"
+    assert all(torch.equal(o, b.relu()) for o, b in zip(original[relu], batches))
+    assert all(torch.equal(c, s.relu()) for c, s in zip(compressed[relu], shifted))
