@@ -15,6 +15,7 @@ from torch import nn
 
 from compressor.decompose.low_rank import whitened_groups
 from compressor.decompose.rank import energy_rank, evbmf_rank, guarded_rank, round_rank
+from compressor.decompose.spatial import whitened_unfolding
 from compressor.decompose.whiten import Whitening
 from compressor.errors import RankError
 from compressor.methods import Method, conv_macs, conv_params
@@ -117,12 +118,7 @@ def _vbmf(method: Method, conv: nn.Conv2d, groups: int, whitening: Whitening | N
             slices = slices @ whitening.root
         return evbmf_rank(slices.reshape(in_channels * out_channels, kh * kw))
     if method.statistic == "column_patches":
-        weight = conv.weight.detach().to(torch.float64)
-        out_channels, in_channels, kh, kw = weight.shape
-        unfolded = weight.permute(1, 2, 0, 3).reshape(in_channels * kh, out_channels * kw)
-        if whitening is not None:
-            unfolded = whitening.root @ unfolded
-        return evbmf_rank(unfolded)
+        return evbmf_rank(whitened_unfolding(conv.weight, whitening))
     # Tucker-style ranks from both channel-mode unfoldings (Kim et al. 2016).
     return _per_group(method, conv, max(evbmf_rank(matrix) for matrix in _mode_matrices(method, conv, whitening)))
 

@@ -153,18 +153,21 @@ def _held_bytes(*environments: dict) -> int:
 
 
 def _store_(original: dict, compressed: dict, store: Callable, nodes=None) -> int:
-    """Apply ``store`` to the held outputs of ``nodes`` (default: every node output), keeping the lists
-    the two networks share shared; returns how many values it changed."""
-    converted: dict[int, list] = {}
+    """Apply ``store`` to the held outputs of ``nodes`` (default: every node output), list by list, each
+    list replaced in both networks before the next is converted (a list both share is one list);
+    returns how many values it changed."""
     changed = 0
-    for environment in (original, compressed):
-        for node, values in environment.items():
-            if node.op in ("placeholder", "get_attr") or (nodes is not None and node not in nodes):
-                continue
-            if id(values) not in converted:
-                converted[id(values)] = [store(value) for value in values]
-                changed += sum(new is not old for new, old in zip(converted[id(values)], values))
-            environment[node] = converted[id(values)]
+    for node in list(original.keys() | compressed.keys()):
+        if node.op in ("placeholder", "get_attr") or (nodes is not None and node not in nodes):
+            continue
+        lists = {id(values): values for values in (original.get(node), compressed.get(node)) if values is not None}
+        for values in lists.values():
+            stored = [store(value) for value in values]
+            changed += sum(new is not old for new, old in zip(stored, values))
+            for environment in (original, compressed):
+                if environment.get(node) is values:
+                    environment[node] = stored
+            del stored
     return changed
 
 
@@ -238,7 +241,14 @@ def _ahead(partner: fx.Node, conv: fx.Node, env: dict, modules: dict[str, nn.Mod
         needed[node] = None
         stack.extend(node.all_input_nodes)
     order = {node: index for index, node in enumerate(conv.graph.nodes)}
-    return sorted(needed, key=order.__getitem__)
+    ahead = sorted(needed, key=order.__getitem__)
+    if ahead:
+        # A node between the conv and these that writes into a tensor would be passed over: they
+        # would read it before the write.
+        between = [node for node in conv.graph.nodes if order[conv] < order[node] < order[ahead[-1]] and node not in needed]
+        if any(_may_mutate(node, modules) for node in between if node.op != "output"):
+            return None
+    return ahead
 
 
 class _BlockTargets(Sequence):
@@ -250,7 +260,9 @@ class _BlockTargets(Sequence):
         if scale is None:
             self.inverse = None
         else:
-            usable = scale.abs() >= 1e-3 * scale.abs().median()
+            # A zero or tiny scale (a zero-initialized or pruned BatchNorm channel) would ask the conv for
+            # an unbounded output: such channels keep the plain target.
+            usable = torch.isfinite(scale) & (scale.abs() > 0) & (scale.abs() >= 1e-3 * scale.abs().median())
             self.inverse = torch.where(usable, 1 / torch.where(usable, scale, torch.ones_like(scale)), torch.zeros_like(scale))
 
     def __len__(self) -> int:
@@ -334,7 +346,10 @@ def walk_(
                         needed = _ahead(other, node, original, modules, set(by_module))
                         if needed is not None:
                             for ahead in needed:
-                                _evaluate(ahead, modules, original, compressed, replaced, len(batches), keep=storage.keep)
+                                if ahead.op == "get_attr":
+                                    original[ahead] = compressed[ahead] = [_attribute(module, ahead.target)] * len(batches)
+                                else:
+                                    _evaluate(ahead, modules, original, compressed, replaced, len(batches), keep=storage.keep)
                                 evaluated_ahead.add(ahead)
                             if original[other] is not compressed[other] and all(
                                 isinstance(o, (torch.Tensor, _Half)) and _read(o).shape == _read(y).shape
@@ -343,6 +358,7 @@ def walk_(
                                 targets = _BlockTargets(original[node], original[other], compressed[other], scale)
                     chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
                     compressed[node] = [storage.keep(chosen[name](x)) for x in hidden]
+                    del hidden, targets  # they hold lists the environments may replace or free
             for done in freed.get(node, ()):
                 original.pop(done, None)
                 compressed.pop(done, None)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +110,38 @@ def _count_cpu_seconds() -> dict[str, float]:
     return cpu
 
 
+class _PhasePeaks(logging.Handler):
+    """Peak resident memory per phase: RSS sampled every 0.2 s, split at the "<phase> started" lines
+    the pipeline logs. A phase's peak is the highest sample while it ran (ru_maxrss only has the run's)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.phase, self.peaks, self._stop = "start", {}, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.endswith(" started"):
+            self.phase = message.split()[0]
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.2):
+            resident = int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**20
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), resident)
+
+    def __enter__(self):
+        logging.getLogger("compressor").addHandler(self)
+        logging.getLogger("compressor").setLevel(logging.INFO)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        logging.getLogger("compressor").removeHandler(self)
+
+
 def _recipe(args) -> dict:
     rule = {"match": args.match, "method": args.methods.split(",")}
     if args.rank is not None:
@@ -157,9 +191,10 @@ def main() -> int:
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    result = compressor.compress(model, _recipe(args), example, data=calibration, progress=False)
-    with tempfile.TemporaryDirectory() as out:
-        result.save(out)
+    with _PhasePeaks() as phase_peaks:
+        result = compressor.compress(model, _recipe(args), example, data=calibration, progress=False)
+        with tempfile.TemporaryDirectory() as out:
+            result.save(out)
     wall = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     # CPU seconds of the run (all threads): on a shared, overloaded machine wall time mostly measures
@@ -177,6 +212,7 @@ def main() -> int:
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
         "peak_rss_mib": round(peak_mib),
+        "peak_rss_mib_by_phase": {phase: round(value) for phase, value in phase_peaks.peaks.items()},
         "seconds": {k: round(v, 2) for k, v in result.report["seconds"].items()},
         "cpu_seconds": {k: round(v, 2) for k, v in cpu_by_phase.items()},
         "planned_ratio": (result.report.get("target") or {}).get("planned_ratio"),

@@ -11,6 +11,7 @@ from torch import nn
 
 from compressor import layers
 from compressor.calibrate import collect_statistics, refit_last_factor_
+from compressor.decompose.spatial import whitened_unfolding
 from compressor.decompose.whiten import whitening
 from compressor.methods import METHODS, factorize
 from compressor.passes import swap_
@@ -190,10 +191,15 @@ def test_whitening_root_factors_the_regularized_covariance_and_whitens_like_the_
     values, vectors = torch.linalg.eigh(regularized)
     symmetric = vectors @ torch.diag(values.sqrt()) @ vectors.T
     weight = torch.randn(7, 12, dtype=torch.float64)
+    kernel = torch.randn(5, 4, 3, 3, dtype=torch.float64)  # spatial: 4 channels x 3 rows = 12, whitened on the column side
+    unfolded = kernel.permute(1, 2, 0, 3).reshape(12, 15)
     errors = {
         "root @ root.mT": _relative(transform.root @ transform.root.mT, regularized),
         "root @ inverse": float((transform.root @ transform.inverse - torch.eye(12, dtype=torch.float64)).abs().max()),
-        "spectrum": _relative(torch.linalg.svdvals(weight @ transform.root), torch.linalg.svdvals(weight @ symmetric)),
+        "row spectrum": _relative(torch.linalg.svdvals(weight @ transform.root), torch.linalg.svdvals(weight @ symmetric)),
+        "column spectrum": _relative(
+            torch.linalg.svdvals(whitened_unfolding(kernel, transform)), torch.linalg.svdvals(symmetric @ unfolded)
+        ),
     }
     assert max(errors.values()) < 1e-10, errors
 
@@ -346,7 +352,7 @@ def test_refit_sums_match_a_direct_im2col(kernel, stride, padding, dilation):
 
 
 def test_whitening_is_kept_until_more_vectors_arrive():
-    """The budget and the decomposition ask for the same whitening several times: one eigh per kind."""
+    """The budget and the decomposition ask for the same whitening several times: one factorization per kind."""
     conv = nn.Conv2d(3, 4, 3, padding=1)
     inputs = torch.randn(4, 3, 6, 6)
     stats = collect_statistics(nn.Sequential(conv), {"0": ["channels"]}, lambda: inputs.split(2))["0"]

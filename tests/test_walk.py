@@ -225,16 +225,22 @@ class _Block(nn.Module):
         self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(4)
         self.shortcut = nn.Conv2d(4, 4, 1) if shortcut != "identity" else nn.Identity()
+        self.alpha = nn.Parameter(torch.tensor(0.5))
         self.kind = shortcut
 
     def forward(self, x):
         x = torch.relu(self.stem(x))
         out = self.bn(self.conv(x))
-        skip = torch.tanh(self.shortcut(x)) if self.kind == "late" else x  # "late": evaluated after the branch
+        if self.kind == "late":  # evaluated after the branch in graph order
+            skip = torch.tanh(self.shortcut(x))
+        elif self.kind == "parameter":  # reads a parameter first used after the branch (a get_attr node)
+            skip = self.alpha * x
+        else:
+            skip = x
         return torch.relu(out + skip)
 
 
-@pytest.mark.parametrize("shortcut", ["identity", "late"])
+@pytest.mark.parametrize("shortcut", ["identity", "late", "parameter"])
 def test_block_targets_absorb_the_shortcut_error(shortcut):
     """The conv feeding the sum is handed y + (s - s') / a: with it, the compressed block reproduces
     the original block's output where the branch alone could not."""
@@ -251,7 +257,9 @@ def test_block_targets_absorb_the_shortcut_error(shortcut):
     walk.walk_(model, [batch], {"stem": visit, "conv": visit}, block_targets=True)
     with torch.no_grad():
         x_original, x_compressed = torch.relu(model.stem(batch)), torch.relu(stem(batch))
-        skip = (lambda x: torch.tanh(model.shortcut(x))) if shortcut == "late" else (lambda x: x)
+        skip = {
+            "late": lambda x: torch.tanh(model.shortcut(x)), "parameter": lambda x: model.alpha * x, "identity": lambda x: x
+        }[shortcut]
         bn = model.bn
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         expected = model.conv(x_original) + (skip(x_original) - skip(x_compressed)) / scale.view(1, -1, 1, 1)
@@ -292,3 +300,24 @@ def test_released_inputs_are_dropped_batch_by_batch():
     assert original[x] == [None] * 3 and compressed[x] == [None] * 3, "released input batches are still held"
     assert all(torch.equal(o, b.relu()) for o, b in zip(original[relu], batches))
     assert all(torch.equal(c, s.relu()) for c, s in zip(compressed[relu], shifted))
+
+
+def test_block_targets_keep_the_plain_target_where_the_batchnorm_scale_is_zero():
+    torch.manual_seed(3)
+    model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block("identity")).eval())
+    with torch.no_grad():
+        model.bn.weight[:3] = 0  # the median scale is 0 (a zero-initialized residual BatchNorm)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    batch = torch.randn(2, 3, 6, 6)
+    seen = {}
+
+    def visit(name, targets, hidden):
+        seen[name] = targets[0]
+        return stem if name == "stem" else model.get_submodule(name)
+
+    walk.walk_(model, [batch], {"stem": visit, "conv": visit}, block_targets=True)
+    with torch.no_grad():
+        plain = model.conv(torch.relu(model.stem(batch)))
+    assert torch.isfinite(seen["conv"]).all(), "a zero BatchNorm scale made the targets non-finite"
+    assert torch.equal(seen["conv"][:, :3], plain[:, :3]), "zero-scale channels must keep their plain targets"
+    assert not torch.allclose(seen["conv"][:, 3], plain[:, 3]), "the channel with a scale must be corrected"

@@ -25,7 +25,9 @@ def spatial_separable_full_rank(out_channels: int, in_channels: int, kh: int, kw
     return min(in_channels * kh, out_channels * kw)
 
 
-def _unfolded(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+def whitened_unfolding(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+    """The ``(in*kh) x (out*kw)`` unfolding whose truncated SVD is the spatially separable factorization,
+    whitened on its rows (``root.mT @``: the rows are the input-side vectors)."""
     out_channels, in_channels, kh, kw = weight.shape
     if whitening is not None and whitening.size != in_channels * kh:
         raise ValueError(f"Expected a whitening of size in*kh={in_channels * kh}, got {whitening.size}")
@@ -36,7 +38,7 @@ def _unfolded(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor
 def spatial_separable_spectrum(weight: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
     """Singular values of the (whitened) ``(in*kh) x (out*kw)`` unfolding, float64."""
     check_kernel(weight)
-    return torch.linalg.svdvals(_unfolded(weight, whitening))
+    return torch.linalg.svdvals(whitened_unfolding(weight, whitening))
 
 
 def spatial_separable(
@@ -50,7 +52,7 @@ def spatial_separable(
     check_kernel(weight)
     out_channels, in_channels, kh, kw = weight.shape
     check_rank(rank, spatial_separable_full_rank(out_channels, in_channels, kh, kw), "rank")
-    u, s, vh = torch.linalg.svd(_unfolded(weight, whitening), full_matrices=False)
+    u, s, vh = torch.linalg.svd(whitened_unfolding(weight, whitening), full_matrices=False)
     root = s[:rank].sqrt()
     columns = u[:, :rank] * root
     if whitening is not None:
