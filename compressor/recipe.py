@@ -487,7 +487,8 @@ class Calibration(BaseModel):
     activation_memory_gib: _Positive = 4.0
     #: A conv that feeds a residual addition (through its BatchNorm) is refitted so that the *sum*
     #: matches the original network's, absorbing the error the shortcut carries; ``false`` fits its own
-    #: output only. Shared ResNet-32, half the MACs, no fine-tune: -0.86 -> -0.60 pt held-out.
+    #: output only (as the re-run path does for a model FX cannot trace). Shared ResNet-32, half the MACs,
+    #: no fine-tune: -0.86 -> -0.60 pt held-out.
     block_targets: Annotated[bool, Field(strict=True)] = True
 
 

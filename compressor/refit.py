@@ -6,9 +6,12 @@ layer's output on the original network (the asymmetric objective of Zhang et al.
 (:mod:`compressor.joint_refit`), every other stack by least squares on its last factor.
 
 The activations come from :func:`compressor.walk.walk_`, one pass over the calibration batches.
-Where the walk cannot serve the model (:func:`compressor.walk.supports`: no FX graph, a conv called
-more than once), each layer re-runs both networks from the input instead, which gives the same
-numbers at quadratic cost.
+With ``block_targets`` (the recipe's ``calibration.block_targets``, on by default), a stack that feeds
+a residual sum through its BatchNorm is fitted to what makes the *sum* match the original's instead
+(see :func:`compressor.walk.walk_`). Where the walk cannot serve the model
+(:func:`compressor.walk.supports`: no FX graph, a conv called more than once), each layer re-runs both
+networks from the input instead, at quadratic cost; that path fits every stack to its own layer's
+original output (no block targets), which is what the walk computes with ``block_targets`` off.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 traced forward is also execution) order, each node over every calibration batch before the next
 node. It carries two environments: every live node's activations in the *original* network and in
 the network *compressed so far*. When it reaches a conv named in ``visit``, it hands the callback
-that conv's original outputs and compressed-network inputs (per batch); the callback returns the
+that conv's original outputs (or block targets) and compressed-network inputs (per batch); the callback returns the
 module that replaces the conv in the compressed network (a refitted factor stack, or the conv
 itself), and the walk continues with that module's outputs. Every module therefore runs at most
 twice per batch (once per network, once for both while the networks still agree), so the forward
@@ -46,8 +46,10 @@ from torch import fx, nn
 log = logging.getLogger(__name__)
 
 Visit = Callable[[str, Sequence[torch.Tensor], Sequence[torch.Tensor]], nn.Module]
-"""``(conv name, original outputs per batch, compressed-network inputs per batch) -> module`` that
-runs in the compressed network from here on. The sequences may be read any number of times."""
+"""``(conv name, target outputs per batch, compressed-network inputs per batch) -> module`` that
+runs in the compressed network from here on. The targets are the conv's outputs in the original
+network (or, with ``block_targets``, what makes a residual sum match: see :func:`walk_`). The
+sequences may be read any number of times."""
 
 
 def supports(module: nn.Module, names: Sequence[str]) -> str | None:

@@ -39,8 +39,8 @@ def block_term(
 
     ``core`` is the weight of a conv with ``groups=G``: output channels ``g*R/G .. (g+1)*R/G - 1``
     read the input channels of the same block, as PyTorch lays grouped weights out.
-    ``input_whitening`` (in x in, from the input channels' covariance) decomposes ``W S^(1/2)`` on
-    the input-channel mode and maps the first factor back with ``S^(-1/2)``.
+    ``input_whitening`` (in x in, from the input channels' covariance ``S = L L^T``) decomposes ``W L``
+    on the input-channel mode and maps the first factor back with ``L^(-1)``.
     """
     if input_whitening is not None:
         check_kernel(weight)

@@ -42,8 +42,8 @@ The message states the measured numbers; callers catch the error and fall back t
 
 With an input :class:`~compressor.decompose.whiten.Whitening` of the covariance ``S`` of the input
 channels, the output error of a weight error ``dW`` is ``||dW S^(1/2)||`` over the input mode (taking
-the ``kh*kw`` taps of a patch as uncorrelated), so the CP is fitted to ``W S^(1/2)`` and its input
-factor is mapped back with ``S^(-1/2)``: ``first = first_whitened @ S^(-1/2)``.
+the ``kh*kw`` taps of a patch as uncorrelated), so the CP is fitted to ``W L`` (``S = L L^T``, any root
+gives the same error) and its input factor is mapped back with ``L^(-1)``: ``first = first_whitened @ L^(-1)``.
 """
 
 from __future__ import annotations
