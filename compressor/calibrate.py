@@ -151,7 +151,7 @@ def chunk_samples(inputs: torch.Tensor, width: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(inputs[0].numel() * width, 1))
 
 
-def pair_chunk_samples(target: torch.Tensor, hidden: torch.Tensor, taps: int) -> int:
+def _pair_chunk_samples(target: torch.Tensor, hidden: torch.Tensor, taps: int) -> int:
     """Samples per chunk of a refit's (target, hidden) batch: both the patches of ``hidden`` and the
     columns of ``target`` stay under ``_CHUNK_ELEMENTS``. A wide output of a narrow input (a 64->256
     1x1 at 56x56) would otherwise take 4x the patches' memory: 0.5 GB of float64 targets a chunk."""
@@ -365,7 +365,7 @@ class Refit:
     samples: int
 
 
-def product_dtype(activations: torch.Tensor) -> torch.dtype:
+def _product_dtype(activations: torch.Tensor) -> torch.dtype:
     """The precision :class:`Products` multiplies ``activations`` in: theirs, at least float32."""
     return torch.promote_types(activations.dtype, torch.float32)
 
@@ -429,6 +429,25 @@ class Products:
         return max(squared_error, 0.0) ** 0.5 / max(self.energy, 1e-300) ** 0.5
 
 
+def collect_products(
+    reference: torch.Tensor, pairs: Pairs, geometry: Geometry, with_constant: bool, head: Callable = lambda x: x
+) -> Products:
+    """:class:`Products` about ``reference`` over ``pairs``: patches (under ``geometry``) of ``head``
+    applied to each hidden batch, against the target batches, chunk by chunk."""
+    products = Products.zeros(reference)
+    taps = geometry[0][0] * geometry[0][1]
+    with torch.no_grad(), reused_buffers():
+        for target, hidden, batch_size in pairs:
+            products.samples += batch_size
+            step = _pair_chunk_samples(target, hidden, taps)
+            for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
+                dtype = _product_dtype(part_target)
+                columns = patch_columns(head(part_hidden), geometry, dtype, slot="patches")
+                wanted = patch_columns(part_target, CHANNELS, dtype, slot="targets")
+                products.add_(columns, wanted, with_constant)
+    return products
+
+
 def refit_last_factor_(
     original: nn.Module,
     working: nn.Module,
@@ -490,21 +509,11 @@ def fit_last_factor_(stack: nn.Sequential, pairs: Pairs, ridge: float = 1e-6) ->
     it may hold any layers, not only convs."""
     head, last = stack[:-1], stack[-1]
     geometry = (last.kernel_size, last.stride, last.padding, last.dilation)
-    taps = last.kernel_size[0] * last.kernel_size[1]
     with_bias = last.bias is not None
     current = _dense_weights(last)
     if with_bias:
         current = torch.cat([current, last.bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
-    products = Products.zeros(current)
-    with torch.no_grad(), reused_buffers():
-        for target, hidden, batch_size in pairs:
-            products.samples += batch_size
-            step = pair_chunk_samples(target, hidden, taps)
-            for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
-                dtype = product_dtype(part_target)
-                columns = patch_columns(head(part_hidden), geometry, dtype, slot="patches")
-                wanted = patch_columns(part_target, CHANNELS, dtype, slot="targets")
-                products.add_(columns, wanted, with_bias)
+    products = collect_products(current, pairs, geometry, with_bias, head)
     solved = _solve_blocks(products.gram, products.target_cross(), last.groups, with_bias, ridge)
     before, after = products.residual_energy, products.squared_error(solved)
     if not torch.isfinite(solved).all() or after >= before:

@@ -73,17 +73,7 @@ def _packed_weights(conv: nn.Conv2d) -> torch.Tensor:
 def patch_statistics(conv: nn.Conv2d, pairs: Pairs) -> PatchStatistics:
     """The sums of :class:`PatchStatistics` over ``pairs`` (see :data:`compressor.calibrate.Pairs`)."""
     geometry = (conv.kernel_size, conv.stride, layers.factor_padding(conv), conv.dilation)
-    taps = conv.kernel_size[0] * conv.kernel_size[1]
-    products = calibrate.Products.zeros(_packed_weights(conv))
-    with torch.no_grad(), calibrate.reused_buffers():
-        for target, hidden, batch_size in pairs:
-            products.samples += batch_size
-            step = calibrate.pair_chunk_samples(target, hidden, taps)
-            for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
-                dtype = calibrate.product_dtype(part_target)
-                columns = calibrate.patch_columns(part_hidden, geometry, dtype, slot="patches")
-                wanted = calibrate.patch_columns(part_target, calibrate.CHANNELS, dtype, slot="targets")
-                products.add_(columns, wanted, with_constant=True)
+    products = calibrate.collect_products(_packed_weights(conv), pairs, geometry, with_constant=True)
     return PatchStatistics(products.gram, products.target_cross().T.contiguous(), products)
 
 
