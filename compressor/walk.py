@@ -228,7 +228,9 @@ def _residual_partner(conv: fx.Node, modules: dict[str, nn.Module]) -> tuple[tor
     return scale, (user.args[1] if user.args[0] is current else user.args[0])
 
 
-def _ahead(partner: fx.Node, conv: fx.Node, env: dict, modules: dict[str, nn.Module], visited: set) -> list[fx.Node] | None:
+def _ahead(
+    partner: fx.Node, conv: fx.Node, env: dict, modules: dict[str, nn.Module], visited: set, order: dict[fx.Node, int]
+) -> list[fx.Node] | None:
     """The not-yet-evaluated nodes ``partner`` needs, in graph order, when they can run before ``conv``'s
     users: none of them reads ``conv``, is a visited conv, or writes into an input. ``None`` otherwise."""
     needed, stack = {}, [partner]
@@ -242,7 +244,6 @@ def _ahead(partner: fx.Node, conv: fx.Node, env: dict, modules: dict[str, nn.Mod
             return None
         needed[node] = None
         stack.extend(node.all_input_nodes)
-    order = {node: index for index, node in enumerate(conv.graph.nodes)}
     ahead = sorted(needed, key=order.__getitem__)
     if ahead:
         # A node between the conv and these that writes into a tensor would be passed over: they
@@ -315,6 +316,32 @@ def walk_(
     unsafe = _writes_through_a_view(module.graph, modules) if max_bytes is not None else None
     storage = _Storage(max_bytes, unsafe)
     evaluated_ahead: set[fx.Node] = set()
+
+    def held_constant(node: fx.Node) -> list:
+        return [_attribute(module, node.target)] * len(batches)
+
+    def block_targets_of(node: fx.Node) -> _BlockTargets | None:
+        """``node``'s block targets, evaluating the sum's other operand early if it must be; ``None``
+        when the conv does not feed a sum that way or the operand cannot run yet."""
+        partner = _residual_partner(node, modules)
+        if partner is None:
+            return None
+        scale, other = partner
+        needed = _ahead(other, node, original, modules, set(by_module), order)
+        if needed is None:
+            return None
+        for ahead in needed:
+            if ahead.op == "get_attr":
+                original[ahead] = compressed[ahead] = held_constant(ahead)
+            else:
+                _evaluate(ahead, modules, original, compressed, replaced, len(batches), keep=storage.keep)
+            evaluated_ahead.add(ahead)
+        if original[other] is compressed[other] or not all(
+            isinstance(o, (torch.Tensor, _Half)) and _read(o).shape == _read(y).shape for o, y in zip(original[other], original[node])
+        ):
+            return None
+        return _BlockTargets(original[node], original[other], compressed[other], scale)
+
     with torch.no_grad():
         for node in module.graph.nodes:
             if node.op == "output":
@@ -326,7 +353,7 @@ def walk_(
                 value = list(batches) if inputs_seen == 1 else [node.args[0]] * len(batches)
                 original[node] = compressed[node] = value
             elif node.op == "get_attr":
-                original[node] = compressed[node] = [_attribute(module, node.target)] * len(batches)
+                original[node] = compressed[node] = held_constant(node)
             else:
                 name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
                 if storage.half and _may_mutate(node, modules):
@@ -341,23 +368,9 @@ def walk_(
                 )
                 if name is not None:
                     hidden = _Restored([fx.node.map_arg(node.args, lambda n: compressed[n][b])[0] for b in range(len(batches))])
-                    targets = _Restored(original[node])
-                    partner = _residual_partner(node, modules) if block_targets else None
-                    if partner is not None:
-                        scale, other = partner
-                        needed = _ahead(other, node, original, modules, set(by_module))
-                        if needed is not None:
-                            for ahead in needed:
-                                if ahead.op == "get_attr":
-                                    original[ahead] = compressed[ahead] = [_attribute(module, ahead.target)] * len(batches)
-                                else:
-                                    _evaluate(ahead, modules, original, compressed, replaced, len(batches), keep=storage.keep)
-                                evaluated_ahead.add(ahead)
-                            if original[other] is not compressed[other] and all(
-                                isinstance(o, (torch.Tensor, _Half)) and _read(o).shape == _read(y).shape
-                                for o, y in zip(original[other], original[node])
-                            ):
-                                targets = _BlockTargets(original[node], original[other], compressed[other], scale)
+                    targets = block_targets_of(node) if block_targets else None
+                    if targets is None:
+                        targets = _Restored(original[node])
                     chosen[name] = replaced[node.target] = visit[name](name, targets, hidden)
                     compressed[node] = [storage.keep(chosen[name](x)) for x in hidden]
                     del hidden, targets  # they hold lists the environments may replace or free

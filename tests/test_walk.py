@@ -240,13 +240,10 @@ class _Block(nn.Module):
         return torch.relu(out + skip)
 
 
-@pytest.mark.parametrize("shortcut", ["identity", "late", "parameter"])
-def test_block_targets_absorb_the_shortcut_error(shortcut):
-    """The conv feeding the sum is handed y + (s - s') / a: with it, the compressed block reproduces
-    the original block's output where the branch alone could not."""
-    torch.manual_seed(1)
-    model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block(shortcut)).eval())
-    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))  # a different stem: the shortcut differs from the original
+def _conv_targets(model: fx.GraphModule, visited=("stem", "conv")):
+    """Walk one batch with block targets, the stem replaced by a different conv (so the shortcut
+    differs between the networks); returns that stem, the batch and the targets ``conv`` was handed."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
     batch = torch.randn(2, 3, 6, 6)
     seen = {}
 
@@ -254,7 +251,17 @@ def test_block_targets_absorb_the_shortcut_error(shortcut):
         seen[name] = targets[0]
         return stem if name == "stem" else model.get_submodule(name)
 
-    walk.walk_(model, [batch], {"stem": visit, "conv": visit}, block_targets=True)
+    walk.walk_(model, [batch], {name: visit for name in visited}, block_targets=True)
+    return stem, batch, seen["conv"]
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "late", "parameter"])
+def test_block_targets_absorb_the_shortcut_error(shortcut):
+    """The conv feeding the sum is handed y + (s - s') / a: with it, the compressed block reproduces
+    the original block's output where the branch alone could not."""
+    torch.manual_seed(1)
+    model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block(shortcut)).eval())
+    stem, batch, conv_targets = _conv_targets(model)
     with torch.no_grad():
         x_original, x_compressed = torch.relu(model.stem(batch)), torch.relu(stem(batch))
         skip = {
@@ -264,9 +271,9 @@ def test_block_targets_absorb_the_shortcut_error(shortcut):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         expected = model.conv(x_original) + (skip(x_original) - skip(x_compressed)) / scale.view(1, -1, 1, 1)
         # an output of exactly the handed target makes the compressed sum the original one
-        sum_with_target = bn(seen["conv"]) + skip(x_compressed)
+        sum_with_target = bn(conv_targets) + skip(x_compressed)
         original_sum = bn(model.conv(x_original)) + skip(x_original)
-    off = float((seen["conv"] - expected).abs().max() / expected.abs().max())
+    off = float((conv_targets - expected).abs().max() / expected.abs().max())
     assert off < 1e-5, f"target off by {off:.2e}"
     residual = float((sum_with_target - original_sum).abs().max() / original_sum.abs().max())
     assert residual < 1e-5, f"the sum with the handed target is off the original sum by {residual:.2e}"
@@ -275,18 +282,10 @@ def test_block_targets_absorb_the_shortcut_error(shortcut):
 def test_block_targets_fall_back_when_the_shortcut_holds_a_visited_conv():
     torch.manual_seed(2)
     model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block("late")).eval())
-    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-    batch = torch.randn(2, 3, 6, 6)
-    seen = {}
-
-    def visit(name, targets, hidden):
-        seen[name] = targets[0]
-        return stem if name == "stem" else model.get_submodule(name)
-
-    walk.walk_(model, [batch], {"stem": visit, "conv": visit, "shortcut": visit}, block_targets=True)
+    _, batch, conv_targets = _conv_targets(model, visited=("stem", "conv", "shortcut"))
     with torch.no_grad():
         plain = model.conv(torch.relu(model.stem(batch)))
-    assert torch.allclose(seen["conv"], plain, atol=1e-6), "a shortcut holding a visited conv cannot run early: plain targets"
+    assert torch.allclose(conv_targets, plain, atol=1e-6), "a shortcut holding a visited conv cannot run early: plain targets"
 
 
 def test_released_inputs_are_dropped_batch_by_batch():
@@ -307,17 +306,9 @@ def test_block_targets_keep_the_plain_target_where_the_batchnorm_scale_is_zero()
     model = fx.symbolic_trace(zoo.randomize_batchnorm(_Block("identity")).eval())
     with torch.no_grad():
         model.bn.weight[:3] = 0  # the median scale is 0 (a zero-initialized residual BatchNorm)
-    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-    batch = torch.randn(2, 3, 6, 6)
-    seen = {}
-
-    def visit(name, targets, hidden):
-        seen[name] = targets[0]
-        return stem if name == "stem" else model.get_submodule(name)
-
-    walk.walk_(model, [batch], {"stem": visit, "conv": visit}, block_targets=True)
+    _, batch, conv_targets = _conv_targets(model)
     with torch.no_grad():
         plain = model.conv(torch.relu(model.stem(batch)))
-    assert torch.isfinite(seen["conv"]).all(), "a zero BatchNorm scale made the targets non-finite"
-    assert torch.equal(seen["conv"][:, :3], plain[:, :3]), "zero-scale channels must keep their plain targets"
-    assert not torch.allclose(seen["conv"][:, 3], plain[:, 3]), "the channel with a scale must be corrected"
+    assert torch.isfinite(conv_targets).all(), "a zero BatchNorm scale made the targets non-finite"
+    assert torch.equal(conv_targets[:, :3], plain[:, :3]), "zero-scale channels must keep their plain targets"
+    assert not torch.allclose(conv_targets[:, 3], plain[:, 3]), "the channel with a scale must be corrected"
