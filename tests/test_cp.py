@@ -218,13 +218,25 @@ def test_degeneracy_check_flags_non_finite_and_bad_fits():
         cp_module.check_degeneracy(weight, first, vertical, -horizontal, last)  # the negated fit: error > 1
 
 
-def test_als_degeneracy_raises():
-    """A random 12x10x3x3 kernel at rank 89 (full rank 90): ALS fits it with cancelling terms."""
+def test_als_from_the_construction_keeps_terms_apart():
+    """A random 12x10x3x3 kernel at rank 89 (full rank 90): tensorly's ALS from its SVD start fitted
+    it with cancelling terms (degeneracy ratio ~5.6e3); from the truncated construction it does not."""
     weight = torch.randn(12, 10, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with pytest.raises(decompose.CPDegenerateError, match=r"degenerate CP at rank 89") as info:
-        decompose.cp(weight, 89)
-    assert isinstance(info.value, ValueError)
-    print(info.value)
+    factors = decompose.cp(weight, 89)
+    ratio = cp_module.degeneracy_ratio(*factors)
+    error = _rel(decompose.cp_reconstruct(*factors), weight)
+    floor = cp_module.truncated_construction_error(weight, 89)
+    message = f"rank 89: degeneracy ratio {ratio:.3f}, error {error:.3e}, truncation floor {floor:.3e}"
+    assert ratio < 2 and error < floor / 10, message
+
+
+def test_als_beats_the_truncation_floor_by_a_wide_margin():
+    """ALS must improve on its warm start: on a random 48x40x3x3 kernel at 1/3 of its MACs."""
+    weight = torch.randn(48, 40, 3, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    rank = 48 * 40 * 9 // (3 * (48 + 40 + 6))
+    error = _rel(decompose.cp_reconstruct(*decompose.cp(weight, rank)), weight)
+    floor = cp_module.truncated_construction_error(weight, rank)
+    assert error < 0.85 * floor, f"rank {rank}: ALS error {error:.4f}, truncation floor {floor:.4f}"
 
 
 def test_degenerate_als_result_reaches_the_caller(monkeypatch):
