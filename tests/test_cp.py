@@ -218,16 +218,19 @@ def test_degeneracy_check_flags_non_finite_and_bad_fits():
         cp_module.check_degeneracy(weight, first, vertical, -horizontal, last)  # the negated fit: error > 1
 
 
-def test_als_from_the_construction_keeps_terms_apart():
-    """A random 12x10x3x3 kernel at rank 89 (full rank 90): tensorly's ALS from its SVD start fitted
-    it with cancelling terms (degeneracy ratio ~5.6e3); from the truncated construction it does not."""
-    weight = torch.randn(12, 10, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    factors = decompose.cp(weight, 89)
+def test_a_degenerate_svd_start_falls_back_to_the_construction():
+    """A random 8x6x3x3 kernel at rank 53 (full rank 54): ALS from the SVD start fits it with
+    cancelling terms; from the truncated construction it fits it exactly with orthogonal-like terms."""
+    weight = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    start = cp_module._als(weight, 53, cp_module._svd_start(weight, 53))
+    last, first, vertical, horizontal = cp_module._balance(start)
+    with pytest.raises(decompose.CPDegenerateError, match="degenerate CP at rank 53") as info:
+        cp_module.check_degeneracy(weight, first.T, vertical.T, horizontal.T, last)
+    factors = decompose.cp(weight, 53)
     ratio = cp_module.degeneracy_ratio(*factors)
     error = _rel(decompose.cp_reconstruct(*factors), weight)
-    floor = cp_module.truncated_construction_error(weight, 89)
-    message = f"rank 89: degeneracy ratio {ratio:.3f}, error {error:.3e}, truncation floor {floor:.3e}"
-    assert ratio < 2 and error < floor / 10, message
+    message = f"SVD start: {info.value}; fallback: degeneracy ratio {ratio:.3f}, error {error:.3e}"
+    assert ratio < 2 and error < 1e-6, message
 
 
 def test_als_beats_the_truncation_floor_by_a_wide_margin():
@@ -242,7 +245,7 @@ def test_als_beats_the_truncation_floor_by_a_wide_margin():
 def test_degenerate_als_result_reaches_the_caller(monkeypatch):
     first, vertical, horizontal, last = _cancelling_factors(1e-3)
     target = decompose.cp_reconstruct(first, vertical, horizontal, last)
-    monkeypatch.setattr(cp_module, "_als", lambda tensor, rank: [last, first.T, vertical.T, horizontal.T])
+    monkeypatch.setattr(cp_module, "_als", lambda tensor, rank, start: [last, first.T, vertical.T, horizontal.T])
     with pytest.raises(decompose.CPDegenerateError, match="cancel"):
         decompose.cp(target, 2)
 

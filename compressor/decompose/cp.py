@@ -6,23 +6,22 @@ Fine-tuned CP-Decomposition", ICLR 2015: a rank-``R`` CP of the (out, in, kh, kw
 (in -> R), a (kh x 1) depthwise conv, a (1 x kw) depthwise conv and a 1x1 conv (R -> out).
 
 Algorithm: alternating least squares (ALS, Kolda & Bader, "Tensor Decompositions and
-Applications", SIAM Review 2009, section 3.4) in float64, warm-started from the best rank-``R``
-truncation of the exact constructions below (deterministic, no random columns), so the fit starts
-where the error floor is and each sweep can only lower it. A sweep never forms a Khatri-Rao
-product: its cost is two matmuls with the kernel, ``2 * numel * R`` multiply-adds, which is what
-lets ResNet-50's 512x512x3x3 kernels at R=763 run at about 0.15 s a sweep on two cores (the
-generic tensorly ``parafac`` formed a (512*512*3) x 763 Khatri-Rao product per mode and ran over
-12 minutes on one such model). The scale of every rank-one term is split evenly across its four
-factor columns after each sweep (each gets the fourth root of the term's norm), so no factor is
-huge while another is tiny.
+Applications", SIAM Review 2009, section 3.4) in float64 from the SVD start (each mode's leading
+left singular vectors, seeded random columns where a mode is shorter than ``R``). A sweep never
+forms a Khatri-Rao product: its cost is two matmuls with the kernel, ``2 * numel * R``
+multiply-adds, so ResNet-50's 512x512x3x3 kernels at R=763 take about 0.15 s a sweep on two cores
+(tensorly's generic ``parafac``, used before, formed a (512*512*3) x 763 Khatri-Rao product per
+mode and ran over 12 minutes on one such model). The scale of every rank-one term is split evenly
+across its four factor columns after each sweep (each gets the fourth root of the term's norm), so
+no factor is huge while another is tiny.
 
-Warm start against tensorly's SVD initialization (leading singular vectors of each unfolding, seeded
-random columns where a mode is shorter than ``R``), same sweeps, measured: on ResNet-32's trained
-kernels at 1/3-MACs ranks the SVD start ends 1-2% lower in error after 100 sweeps (0.429 against
-0.431 on a 32x32 kernel); on random kernels both are within 1%; but from the construction ALS
-keeps its terms far better conditioned (12x10x3x3 at rank 89: an exact fit with degeneracy ratio
-1.01, against 77 from the SVD start and ~5.6e3 from tensorly) and can never end above the
-truncation floor that :func:`check_degeneracy` enforces.
+Where the fit from the SVD start fails the checks below, ALS runs again from the best rank-``R``
+truncation of the exact constructions (a warm start at the error floor, from which each sweep can
+only go down; a random 8x6x3x3 kernel at rank 53 of 54: cancelling terms from the SVD start, an
+exact fit with degeneracy ratio 1.01 from the construction). It is not the first choice because,
+measured on the shared ResNet-32 with every body conv CP at 1/3 of its MACs and whitened by
+calibration data, it ends worse: mean refitted output error 0.481 against 0.476 after 200 sweeps
+(held-out accuracy -6.70 against -6.52 pt), and 0.485 against 0.468 after 1000.
 
 Full rank (:func:`cp_full_rank`) is constructive, not ALS: fix one channel mode and one spatial
 mode, e.g. input channel ``c`` and row ``i``; the remaining slice ``W[:, c, i, :]`` is an
@@ -69,17 +68,21 @@ from compressor import threads
 from compressor.decompose._checks import check_kernel, check_rank
 from compressor.decompose.whiten import Whitening, whiten_input_mode
 
+SEED = 0
+"""Seeds the SVD start's random columns (modes shorter than ``R``), so a fit is deterministic."""
+
 DEGENERACY_RATIO = 1e3
 """Largest allowed ``sum_r ||t_r||^2 / ||sum_r t_r||^2`` (see the module docstring)."""
 
 N_ITER_MAX = 200
-"""ALS sweeps at most. Measured on ResNet-32's trained 3x3 kernels at 1/3- and 1/2-MACs ranks, the
-error after 100 / 200 sweeps is a median 4.8% / 2.3% above that after 400 (worst 8.4% / 3.7%): ALS
-on trained kernels keeps creeping down. A sweep of a 512x512x3x3 kernel at R=763 takes ~0.15 s."""
+"""ALS sweeps at most. Measured on ResNet-32's trained 3x3 kernels at 1/3- and 1/2-MACs ranks from
+the SVD start, the error after 100 / 200 sweeps is a median 4.3% / 2.2% above that after 400 (worst
+10% / 5%): ALS on trained kernels keeps creeping down. A sweep of a 512x512x3x3 kernel at R=763
+takes ~0.15 s, so 200 sweeps of ResNet-50's three such kernels cost about 90 s."""
 
 TOL = 1e-4
 """ALS stops when a sweep lowers the relative error by less than this fraction. Measured with a
-400-sweep cap: trained kernels seldom stop early (median stop at sweep 258, 0.8% above the 400-sweep
+400-sweep cap: trained kernels seldom stop early (median stop at sweep 254, 0.7% above the 400-sweep
 error), so they mostly run to :data:`N_ITER_MAX`; a random 512x512x3x3 kernel at R=763 stops after
 125 sweeps, 0.8% above where a 10x smaller tolerance stops (269 sweeps)."""
 
@@ -180,6 +183,19 @@ def truncated_construction_errors(tensor: torch.Tensor, ranks: list[int]) -> lis
     return best
 
 
+def _svd_start(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """Each mode's leading left singular vectors of its unfolding; seeded random columns past them."""
+    generator = torch.Generator().manual_seed(SEED)
+    factors = []
+    for mode, size in enumerate(tensor.shape):
+        vectors = torch.linalg.svd(tensor.movedim(mode, 0).reshape(size, -1), full_matrices=False)[0][:, :rank]
+        missing = rank - vectors.shape[1]
+        if missing > 0:
+            vectors = torch.cat([vectors, torch.randn(size, missing, generator=generator, dtype=tensor.dtype)], 1)
+        factors.append(vectors)
+    return factors
+
+
 def _solve_normal(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``rhs @ gram^-1`` for a symmetric PSD ``gram``; least squares where it is singular."""
     root, info = torch.linalg.cholesky_ex(gram)
@@ -188,8 +204,8 @@ def _solve_normal(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(gram, rhs.T).solution.T
 
 
-def _als(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    """ALS from the truncated construction; mode factors (n_mode, R), float64 on the CPU.
+def _als(tensor: torch.Tensor, rank: int, start: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ALS from the mode factors ``start``; mode factors (n_mode, R), float64 on the CPU.
 
     Each sweep solves the four modes' least-squares problems in turn (out, in, kh, kw). The two
     products with the whole kernel (``numel * R`` multiply-adds each) are plain matmuls, and the
@@ -199,7 +215,7 @@ def _als(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """
     out_channels, in_channels, kh, kw = tensor.shape
     taps = kh * kw
-    last, first, vertical, horizontal = _truncated_construction(tensor, rank)
+    last, first, vertical, horizontal = start
     by_tap = tensor.reshape(out_channels, in_channels, taps).transpose(1, 2).contiguous()  # (out, taps, in)
     flat = tensor.reshape(out_channels, in_channels * taps)
     energy = tensor.pow(2).sum().item()
@@ -305,6 +321,17 @@ def check_degeneracy(
     return ratio, error
 
 
+def _fit(target: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """ALS from the SVD start, or from the truncated construction where that fit fails the checks."""
+    try:
+        factors = _balance(_als(target, rank, _svd_start(target, rank)))
+        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
+    except CPDegenerateError:
+        factors = _balance(_als(target, rank, _truncated_construction(target, rank)))
+        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
+    return factors
+
+
 def cp(weight: torch.Tensor, rank: int, *, input_whitening: Whitening | None = None) -> Factors:
     """Return ``(first, vertical, horizontal, last)``: shapes (R, in), (R, kh), (R, kw), (out, R).
 
@@ -327,8 +354,7 @@ def cp(weight: torch.Tensor, rank: int, *, input_whitening: Whitening | None = N
     elif rank == full:
         factors = _balance(_exact(target))
     else:
-        factors = _balance(_als(target, rank))
-        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
+        factors = _fit(target, rank)
     if input_whitening is not None:
         factors[1] = (factors[1].T @ input_whitening.inverse.to("cpu")).T  # first = first_whitened @ inverse
         factors = _balance(factors)
