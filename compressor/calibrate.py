@@ -151,11 +151,14 @@ def chunk_samples(inputs: torch.Tensor, width: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(inputs[0].numel() * width, 1))
 
 
-def _pair_chunk_samples(target: torch.Tensor, hidden: torch.Tensor, taps: int) -> int:
-    """Samples per chunk of a refit's (target, hidden) batch: both the patches of ``hidden`` and the
-    columns of ``target`` stay under ``_CHUNK_ELEMENTS``. A wide output of a narrow input (a 64->256
-    1x1 at 56x56) would otherwise take 4x the patches' memory: 0.5 GB of float64 targets a chunk."""
-    return min(chunk_samples(hidden, taps), chunk_samples(target, 1))
+def _pair_chunk_samples(target: torch.Tensor, reference: torch.Tensor) -> int:
+    """Samples per chunk of a refit's (target, hidden) batch: the patch columns (a row per column of
+    ``reference``, the last factor's input patch) and the target columns (a row per output channel)
+    both stay under ``_CHUNK_ELEMENTS``, one column per output pixel. Bounding by the stack's input
+    instead missed a last factor wider than it (CP at R=752 after a 512-channel input) and a wide
+    output of a narrow input (a 64->256 1x1 at 56x56: 0.5 GB of float64 targets a chunk)."""
+    pixels = target[0, 0].numel()
+    return max(1, _CHUNK_ELEMENTS // max(pixels * max(reference.shape), 1))
 
 
 def _chunks(inputs: torch.Tensor, width: int) -> Iterable[torch.Tensor]:
@@ -435,11 +438,10 @@ def collect_products(
     """:class:`Products` about ``reference`` over ``pairs``: patches (under ``geometry``) of ``head``
     applied to each hidden batch, against the target batches, chunk by chunk."""
     products = Products.zeros(reference)
-    taps = geometry[0][0] * geometry[0][1]
     with torch.no_grad(), reused_buffers():
         for target, hidden, batch_size in pairs:
             products.samples += batch_size
-            step = _pair_chunk_samples(target, hidden, taps)
+            step = _pair_chunk_samples(target, reference)
             for part_target, part_hidden in zip(target.split(step), hidden.split(step)):
                 dtype = _product_dtype(part_target)
                 columns = patch_columns(head(part_hidden), geometry, dtype, slot="patches")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor import layers
+from compressor import calibrate, layers
 from compressor.calibrate import collect_statistics, refit_last_factor_
 from compressor.decompose.spatial import whitened_unfolding
 from compressor.decompose.whiten import whitening
@@ -362,3 +362,23 @@ def test_whitening_is_kept_until_more_vectors_arrive():
     stats.counts["channels"] *= 2
     again = stats.whitening("channels")
     assert again is not first and torch.allclose(again.root, first.root)
+
+
+def test_product_chunks_are_bounded_by_the_widest_patch_not_the_stack_input(monkeypatch):
+    """A head that widens its input (2 -> 64 channels, as CP's first factor does at R > in) must not
+    let a chunk's patch columns pass the bound; the chunked products equal the unchunked ones."""
+    generator = torch.Generator().manual_seed(0)
+    head = nn.Conv2d(2, 64, 1, bias=False)
+    hidden = torch.randn(8, 2, 4, 4, generator=generator)
+    target = torch.randn(8, 4, 4, 4, generator=generator)
+    reference = torch.randn(4, 65, generator=generator, dtype=torch.float64)  # 64 patch rows and the constant
+    whole = calibrate.collect_products(reference, [(target, hidden, 8)], calibrate.CHANNELS, True, head)
+    limit = 65 * 16 * 2  # two samples of the head's patches (and their constant row)
+    monkeypatch.setattr(calibrate, "_CHUNK_ELEMENTS", limit)
+    sizes = []
+    add = calibrate.Products.add_
+    monkeypatch.setattr(calibrate.Products, "add_", lambda self, columns, *rest: sizes.append(columns.numel()) or add(self, columns, *rest))
+    chunked = calibrate.collect_products(reference, [(target, hidden, 8)], calibrate.CHANNELS, True, head)
+    assert max(sizes) <= limit and len(sizes) == 4, f"patch elements per chunk {sizes}, limit {limit}"
+    off = float((chunked.gram - whole.gram).abs().max() / whole.gram.abs().max())
+    assert off < 1e-6, f"chunked Gram off the whole one by {off:.2e}"
