@@ -377,7 +377,12 @@ def test_product_chunks_are_bounded_by_the_widest_patch_not_the_stack_input(monk
     monkeypatch.setattr(calibrate, "_CHUNK_ELEMENTS", limit)
     sizes = []
     add = calibrate.Products.add_
-    monkeypatch.setattr(calibrate.Products, "add_", lambda self, columns, *rest: sizes.append(columns.numel()) or add(self, columns, *rest))
+
+    def counted_add(self, columns, *rest):
+        sizes.append(columns.numel())
+        return add(self, columns, *rest)
+
+    monkeypatch.setattr(calibrate.Products, "add_", counted_add)
     chunked = calibrate.collect_products(reference, [(target, hidden, 8)], calibrate.CHANNELS, True, head)
     assert max(sizes) <= limit and len(sizes) == 4, f"patch elements per chunk {sizes}, limit {limit}"
     off = float((chunked.gram - whole.gram).abs().max() / whole.gram.abs().max())

@@ -258,6 +258,13 @@ def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.where(alive, f / safe[m] * share, torch.zeros_like(f)) for m, f in enumerate(factors)]
 
 
+def _modes(
+    first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
+) -> list[torch.Tensor]:
+    """The chain's factors as float64 mode factors (n_mode, R) in (out, in, kh, kw) order."""
+    return [last.to(torch.float64)] + [f.to(torch.float64).T for f in (first, vertical, horizontal)]
+
+
 def _reconstruct_modes(factors: list[torch.Tensor]) -> torch.Tensor:
     """The (out, in, kh, kw) sum of the terms of mode factors (n_mode, R), as one matmul.
 
@@ -275,7 +282,7 @@ def degeneracy_ratio(
     first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
 ) -> float:
     """``sum_r ||t_r||^2 / ||sum_r t_r||^2`` for the CP terms ``t_r`` (inf if the sum is zero)."""
-    modes = [last.to(torch.float64)] + [f.to(torch.float64).T for f in (first, vertical, horizontal)]
+    modes = _modes(first, vertical, horizontal, last)
     term_energy = torch.stack([f.norm(dim=0) for f in modes]).prod(0).pow(2).sum().item()
     total = _reconstruct_modes(modes).norm().item() ** 2
     if term_energy == 0:
@@ -323,13 +330,16 @@ def check_degeneracy(
 
 def _fit(target: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """ALS from the SVD start, or from the truncated construction where that fit fails the checks."""
+
+    def checked(start: list[torch.Tensor]) -> list[torch.Tensor]:
+        factors = _balance(_als(target, rank, start))
+        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
+        return factors
+
     try:
-        factors = _balance(_als(target, rank, _svd_start(target, rank)))
-        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
+        return checked(_svd_start(target, rank))
     except CPDegenerateError:
-        factors = _balance(_als(target, rank, _truncated_construction(target, rank)))
-        check_degeneracy(target, factors[1].T, factors[2].T, factors[3].T, factors[0])
-    return factors
+        return checked(_truncated_construction(target, rank))
 
 
 def cp(weight: torch.Tensor, rank: int, *, input_whitening: Whitening | None = None) -> Factors:
@@ -369,5 +379,4 @@ def cp_reconstruct(
     first: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, last: torch.Tensor
 ) -> torch.Tensor:
     """The dense (out, in, kh, kw) kernel of the four-factor chain, in the factors' dtype."""
-    modes = [last.to(torch.float64)] + [f.to(torch.float64).T for f in (first, vertical, horizontal)]
-    return _reconstruct_modes(modes).to(first.dtype)
+    return _reconstruct_modes(_modes(first, vertical, horizontal, last)).to(first.dtype)
