@@ -234,7 +234,7 @@ def test_a_degenerate_svd_start_falls_back_to_the_construction():
 
 
 def test_als_beats_the_truncation_floor_by_a_wide_margin():
-    """ALS must improve on its warm start: on a random 48x40x3x3 kernel at 1/3 of its MACs."""
+    """ALS must beat the truncated-construction floor by a margin: a random 48x40x3x3 kernel at 1/3 of its MACs."""
     weight = torch.randn(48, 40, 3, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
     rank = 48 * 40 * 9 // (3 * (48 + 40 + 6))
     error = _rel(decompose.cp_reconstruct(*decompose.cp(weight, rank)), weight)
