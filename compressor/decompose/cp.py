@@ -145,16 +145,20 @@ def _exact(tensor: torch.Tensor) -> list[torch.Tensor]:
     return _construction(tensor, construction)[0]
 
 
+def _tails(tensor: torch.Tensor, construction: tuple[int, int, int, int]) -> torch.Tensor:
+    """``tails[k]``: the squared error of keeping the ``k`` largest terms of one construction (K+1,)."""
+    p, q, f1, f2 = construction
+    energy = torch.linalg.svdvals(tensor.permute(p, q, f1, f2)).flatten().pow(2).sort(descending=True).values
+    # The error at every k reads off one reversed cumulative sum.
+    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]).clamp_min(0)
+
+
 def _truncated_construction(tensor: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """The best rank-``rank`` truncation of the four exact constructions (orthogonal terms)."""
-    best: tuple[float, list[torch.Tensor]] | None = None
-    for construction in _CONSTRUCTIONS:
-        factors, norms = _construction(tensor, construction)
-        kept = norms.argsort(descending=True)[:rank]
-        kept_energy = norms[kept].pow(2).sum().item()
-        if best is None or kept_energy > best[0]:
-            best = (kept_energy, [f[:, kept] for f in factors])
-    return best[1]
+    construction = min(_CONSTRUCTIONS, key=lambda choice: _tails(tensor, choice)[rank].item())
+    factors, norms = _construction(tensor, construction)
+    kept = norms.argsort(descending=True)[:rank]
+    return [f[:, kept] for f in factors]
 
 
 def truncated_construction_error(tensor: torch.Tensor, rank: int) -> float:
@@ -174,12 +178,10 @@ def truncated_construction_errors(tensor: torch.Tensor, ranks: list[int]) -> lis
     if norm == 0:
         return [0.0 for _ in ranks]
     best = [math.inf for _ in ranks]
-    for p, q, f1, f2 in _CONSTRUCTIONS:
-        energy = torch.linalg.svdvals(tensor.permute(p, q, f1, f2)).flatten().pow(2).sort(descending=True).values
-        # tails[k] = sum of energy[k:], so the error at rank k reads off one reversed cumulative sum.
-        tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    for construction in _CONSTRUCTIONS:
+        tails = _tails(tensor, construction)
         for index, rank in enumerate(ranks):
-            tail = tails[min(rank, energy.numel())].clamp_min(0).sqrt().item() / norm
+            tail = tails[min(rank, tails.numel() - 1)].sqrt().item() / norm
             best[index] = min(best[index], tail)
     return best
 
