@@ -370,8 +370,9 @@ def test_shipped_recipe_runs_end_to_end(recipe, tmp_path):
     model, x = _build("resnet18")
     spec = compressor.load_recipe(recipe)
     if spec.target is not None and spec.target.metric == "latency":  # few timed runs, a target any timing reaches: the plan's shape is checked, not its speed
-        # 0.95: the smallest reachable was measured at 0.90 on a loaded machine (0.9 failed there once)
-        spec = compressor.load_recipe(apply_overrides(spec.model_dump(mode="json", exclude_none=True), ["bench.layer_runs=2", "bench.runs=3", "bench.warmup=1", "target={latency: 0.95}"]))
+        # 0.92: below 0.9 the cost model may call it unreachable (0.901 measured under load); at 0.95 keeping
+        # every layer (1.0) is within the 5% the solver accepts, and one run rewrote nothing
+        spec = compressor.load_recipe(apply_overrides(spec.model_dump(mode="json", exclude_none=True), ["bench.layer_runs=2", "bench.runs=3", "bench.warmup=1", "target={latency: 0.92}"]))
     result = compressor.compress(model, spec, x)
     rewritten = [layer for layer in result.report["layers"] if layer["method"] != "keep"]
     assert rewritten, f"{recipe.name} rewrote nothing on resnet18"
