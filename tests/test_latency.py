@@ -13,6 +13,7 @@ from compressor import bench, compress
 from compressor.latency import LatencyTable, conv_geometry, convs_model, random_stack
 from compressor.methods import METHODS
 from compressor.profile import CallShape
+from tests.flop_latency import use_flop_latency
 
 
 def test_table_caches_on_disk_and_a_new_table_reuses_it(tmp_path):
@@ -106,9 +107,11 @@ def test_latency_target_plans_within_budget_and_reports_measured(tmp_path):
 
 
 def _planned_with(measured, tmp_path, monkeypatch) -> dict:
-    """Plan _Wide's conv1/conv2 for {latency: 0.6} with ``measured`` standing in for the end-to-end timing."""
+    """Plan _Wide's conv1/conv2 for {latency: 0.6} with ``measured`` standing in for the end-to-end timing
+    and FLOPs for the layer timings (with real ones, which plans exist near 0.6 depended on the machine's load)."""
     from compressor import latency_target
 
+    use_flop_latency(monkeypatch, end_to_end=False)
     monkeypatch.setattr(latency_target, "measure_ratio", measured)
     recipe = {
         "rules": [{"match": ["conv1", "conv2"], "method": ["spatial_separable", "low_rank", "keep"]},
@@ -133,7 +136,7 @@ def test_latency_target_is_corrected_until_the_whole_model_measures_within_5_per
     target = _planned_with(measured, tmp_path, monkeypatch)
     attempts = [(round(a["solved_for"], 3), round(a.get("ratio", float("nan")), 3)) for a in target["corrections"]]
     measured = [a["ratio"] for a in target["corrections"] if "ratio" in a]
-    # Which plans exist depends on this machine's layer timings; what must hold for any of them:
+    # What must hold whichever plans the layer costs allow:
     first_held = abs(measured[0] - 0.6) <= 0.05 * 0.6
     assert first_held or len(target["corrections"]) > 1, f"no correction made: {attempts}"
     if len(target["corrections"]) > 1:
@@ -147,7 +150,7 @@ def test_latency_target_is_corrected_until_the_whole_model_measures_within_5_per
 def test_a_disturbed_measurement_does_not_replace_a_better_plan(tmp_path, monkeypatch):
     """One wild measurement (a busy machine) must not become the plan: the attempt nearest the
     target is kept, and the record says which."""
-    readings = iter([0.56, 7.0, 0.9, 0.9, 0.9])
+    readings = iter([0.5, 7.0, 0.9, 0.9, 0.9])
 
     def measured(original, candidate, example_input, recipe, threads):
         ratio = next(readings)
@@ -156,7 +159,7 @@ def test_a_disturbed_measurement_does_not_replace_a_better_plan(tmp_path, monkey
     target = _planned_with(measured, tmp_path, monkeypatch)
     kept = [a for a in target["corrections"] if a.get("kept")]
     summary = [(round(a["solved_for"], 3), a.get("ratio")) for a in target["corrections"]]
-    assert len(kept) == 1 and kept[0]["ratio"] == 0.56 and target["measured_ratio"] == 0.56, summary
-    assert not target["held"], summary  # 0.56 is 6.7% off 0.6: said, not hidden
-    assert target["corrections"][1]["solved_for"] == 0.6 * min(2.0, max(0.5, 0.6 / 0.56)), summary
+    assert len(kept) == 1 and kept[0]["ratio"] == 0.5 and target["measured_ratio"] == 0.5, summary
+    assert not target["held"], summary  # 0.5 is 17% off 0.6: said, not hidden
+    assert target["corrections"][1]["solved_for"] == 0.6 * min(2.0, max(0.5, 0.6 / 0.5)), summary
     assert target["corrections"][2]["solved_for"] < target["corrections"][1]["solved_for"], summary

@@ -13,7 +13,7 @@ import compressor
 from compressor import zoo
 from compressor.errors import CompressorError, RankError, RecipeError
 from compressor.passes.trace import TraceFallbackWarning
-from compressor.recipe import apply_overrides
+from tests.flop_latency import use_flop_latency
 
 SMALL_MODELS = {
     "resnet18": (lambda: zoo.resnet18(num_classes=10, width=8), (1, 3, 64, 64)),
@@ -366,13 +366,13 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_shipped_recipe_runs_end_to_end(recipe, tmp_path):
+def test_shipped_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
     model, x = _build("resnet18")
     spec = compressor.load_recipe(recipe)
-    if spec.target is not None and spec.target.metric == "latency":  # few timed runs, a target any timing reaches: the plan's shape is checked, not its speed
-        # 0.92: below 0.9 the cost model may call it unreachable (0.901 measured under load); at 0.95 keeping
-        # every layer (1.0) is within the 5% the solver accepts, and one run rewrote nothing
-        spec = compressor.load_recipe(apply_overrides(spec.model_dump(mode="json", exclude_none=True), ["bench.layer_runs=2", "bench.runs=3", "bench.warmup=1", "target={latency: 0.92}"]))
+    if spec.target is not None and spec.target.metric == "latency":
+        # The plan's shape is checked here, not its speed: FLOPs stand in for the timings, which on a
+        # busy machine made the recipe's target unreachable for this tiny model or kept every layer.
+        use_flop_latency(monkeypatch)
     result = compressor.compress(model, spec, x)
     rewritten = [layer for layer in result.report["layers"] if layer["method"] != "keep"]
     assert rewritten, f"{recipe.name} rewrote nothing on resnet18"
