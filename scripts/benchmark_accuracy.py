@@ -296,7 +296,7 @@ def main() -> int:
         try:
             if plan.split("-")[0] in PEERS:
                 rows.append(run_peer(plan, args))
-            elif args.draws > 1 and "ft" not in plan.split("-") and plan != "mobile":
+            elif args.draws > 1 and "finetune" not in plan_recipe(plan, args):
                 rows.append(run_draws(plan, args))
             else:
                 rows.append(run_plan(plan, args))
