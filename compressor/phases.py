@@ -16,7 +16,7 @@ log = logging.getLogger("compressor")
 
 #: The phases in the order a run meets them. report.json's ``seconds`` also has ``total``, last: the
 #: whole run, compress() and Result.save() together (loading the model and data files excluded).
-PHASES = ("trace", "calibrate", "ranks", "decompose", "refit", "finetune", "evaluate", "export", "verify", "int8", "latency")
+PHASES = ("trace", "calibrate", "ranks", "decompose", "refit", "reconstruct", "finetune", "evaluate", "export", "verify", "int8", "latency")
 
 
 @contextmanager

@@ -29,9 +29,10 @@ from compressor.finetune import finetune, split_holdout
 from compressor.methods import METHODS, factorize
 from compressor.phases import peak_memory_mib, release_freed_memory, timed
 from compressor.passes.sequential import as_sequential
-from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_functional_convs_, match_computed_convs, match_functional_convs, plan_layers, rewrite_, trace
+from compressor.passes import LayerPlan, Traced, fold_computed_convs_, lift_functional_convs_, match_computed_convs, match_functional_convs, plan_layers, rewrite_, swap_, trace
 from compressor.profile import LayerProfile, profile_model, totals
 from compressor.progress import layers as layer_bar
+from compressor.reconstruct import pieces as reconstruction_pieces, reconstruct_
 from compressor.refit import refit_all_
 from compressor.sensitivity import layer_sensitivities, sensitivity_batches
 from compressor.ranks import allowed_ranks
@@ -475,6 +476,35 @@ def _refit_all(plan_: Plan, replacements: dict[str, nn.Sequential], progress: bo
             by_name[name].output_rel_error = refit.error_after
 
 
+def _reconstructed(plan_: Plan, replacements: dict[str, nn.Sequential], progress: bool | None = None) -> tuple[nn.Module, dict | None]:
+    """The module to rewrite, and the report's ``reconstruct`` record: with the recipe's ``reconstruct``
+    section and calibration data, a copy of the traced model holding the stacks, trained piece by piece
+    against the traced original (:mod:`compressor.reconstruct`); otherwise the traced model itself."""
+    settings, module = plan_.recipe.reconstruct, plan_.traced.module
+    if settings is None:
+        return module, None
+    if not settings.steps:
+        return module, {"skipped": "reconstruct.steps is 0"}
+    if not plan_.calibration:
+        return module, {"skipped": "no --data: block reconstruction trains on calibration images"}
+    if not isinstance(module, torch.fx.GraphModule):
+        return module, {"skipped": "the model was not traced by torch.fx, so it cannot be cut into blocks"}
+    if not replacements:
+        return module, {"skipped": "no layer was rewritten"}
+    working = swap_(copy.deepcopy(module), replacements)
+    parameter = tree.first_parameter(module)
+    calibration = plan_.calibration
+    if parameter is not None:
+        calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
+    pieces = reconstruction_pieces(module.graph, list(replacements))
+    with timed(plan_.seconds, "reconstruct"), layer_bar("reconstruct", sum(bool(p.rewritten) for p in pieces), progress) as bar:
+        records = reconstruct_(
+            module, working, pieces, calibration, settings.steps, settings.lr, settings.norms,
+            seed=plan_.recipe.calibration.seed, started=bar.advance,
+        )
+    return working, {"steps": settings.steps, "lr": settings.lr, "norms": settings.norms, "pieces": records}
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str | Path,
@@ -522,7 +552,8 @@ def compress(
     layer_plan.statistics = {}
     release_freed_memory()
     _refit_all(layer_plan, replacements, progress)
-    compressed = tree.set_training_(rewrite_(layer_plan.traced.module, replacements), False)
+    rewriting, reconstructed = _reconstructed(layer_plan, replacements, progress)
+    compressed = tree.set_training_(rewrite_(rewriting, replacements), False)
     compressed = as_sequential(original, compressed, replacements)  # result.model[0] works as on the input
     finetuned = None
     if tuning is not None:
@@ -540,6 +571,8 @@ def compress(
                 )
     report = layer_plan.report()
     report["task"] = task.record()
+    if reconstructed is not None:
+        report["reconstruct"] = reconstructed
     if finetuned is not None:
         report["finetune"] = finetuned
     report["input_shape"] = list(example_input.shape)

@@ -30,6 +30,8 @@ A recipe is a YAML mapping validated by the pydantic models below::
     calibration:                      # optional, used with --data
       samples: 512                    # images used for statistics and refits (default 512)
       batch_size: 64                  # (default 64)
+    reconstruct:                      # optional, needs --data: train each block's factors to its original output
+      steps: 100                      # Adam steps per block, one calibration batch each (0 = off); lr, norms
     finetune:                         # optional, needs --data: distillation from the original after the rewrite
       max_minutes: 10                 # budget: steps (0 = off), epochs, max_minutes; whichever ends first
       batch_size: 64                  # per process; optimizer adamw | sgd, lr, momentum, weight_decay, warmup
@@ -492,6 +494,24 @@ class Calibration(BaseModel):
     block_targets: Annotated[bool, Field(strict=True)] = True
 
 
+class Reconstruct(BaseModel):
+    """Block reconstruction after the refit (see :mod:`compressor.reconstruct`); needs ``--data``.
+
+    Each piece of the graph that holds rewritten layers (a residual block) is trained for ``steps``
+    Adam steps, one calibration batch each, to reproduce the original piece's output; the calibration
+    images are all it reads (no labels).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Per piece; 0 turns it off.
+    steps: Annotated[int, Field(strict=True, ge=0)] = 100
+    #: Peak learning rate of the cosine schedule.
+    lr: _Positive = 1e-3
+    #: Also train the affine parameters of the normalization layers in the piece.
+    norms: Annotated[bool, Field(strict=True)] = True
+
+
 class FineTune(BaseModel):
     """Brief distillation from the original model after the rewrite (see :mod:`compressor.finetune`).
 
@@ -590,6 +610,7 @@ class Recipe(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: Calibration = Field(default_factory=Calibration)
     #: Off unless set (it needs --data); see :class:`FineTune`.
+    reconstruct: Optional[Reconstruct] = None
     finetune: Optional[FineTune] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)

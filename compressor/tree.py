@@ -93,6 +93,14 @@ def get_submodule(model: nn.Module, target: str) -> nn.Module:
     return module
 
 
+def get_attribute(model: nn.Module, target: str):
+    """The module, parameter, buffer or plain attribute at dotted path ``target`` (an FX ``get_attr``)."""
+    value = model
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def set_training_(model: nn.Module, training: bool) -> nn.Module:
     """``model.train(training)`` without calling ``train``/``children`` through the instances."""
     for module in modules(model):

@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
+from compressor import tree
+
 log = logging.getLogger(__name__)
 
 Visit = Callable[[str, Sequence[torch.Tensor], Sequence[torch.Tensor]], nn.Module]
@@ -82,13 +84,6 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     for used, user in last_user.items():
         freed.setdefault(user, []).append(used)
     return freed
-
-
-def _attribute(module: nn.Module, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _run(node: fx.Node, modules: dict[str, nn.Module], args: tuple, kwargs: dict, replaced: dict[str, nn.Module]):
@@ -318,7 +313,7 @@ def walk_(
     evaluated_ahead: set[fx.Node] = set()
 
     def held_constant(node: fx.Node) -> list:
-        return [_attribute(module, node.target)] * len(batches)
+        return [tree.get_attribute(module, node.target)] * len(batches)
 
     def block_targets_of(node: fx.Node) -> _BlockTargets | None:
         """``node``'s block targets, evaluating the sum's other operand early if it must be; ``None``

@@ -50,10 +50,12 @@ ALL_METHODS = ["spatial_separable", "depthwise_separable", "grouped", "low_rank"
 
 def plan_recipe(plan: str, args, seed: int = 0) -> dict:
     """``macs-F``, ``latency-F`` (target fraction F), ``mobile`` (recipes/mobile.yaml as shipped), with
-    ``-ft`` for the fine-tune and ``-plain`` for the unweighted sum of errors (no sensitivity)."""
+    ``-ft`` for the fine-tune, ``-plain`` for the unweighted sum of errors (no sensitivity) and ``-rec``
+    for block reconstruction (``reconstruct.steps``, on ``--reconstruct-calibration`` images)."""
     parts = plan.split("-")
     finetune = "ft" in parts
     plain = "plain" in parts
+    rebuilt = "rec" in parts
     if parts[0] == "mobile":
         from compressor.recipe import load_recipe
 
@@ -71,6 +73,9 @@ def plan_recipe(plan: str, args, seed: int = 0) -> dict:
     recipe["calibration"] = {"samples": args.calibration, "batch_size": 128, "seed": seed}
     if plain:
         recipe["calibration"]["sensitivity_samples"] = 0
+    if rebuilt:
+        recipe["calibration"]["samples"] = args.reconstruct_calibration
+        recipe["reconstruct"] = {"steps": args.reconstruct_steps}
     recipe["export"] = {"opset": 17, "tolerance": 1e-3}
     recipe["bench"] = {"threads": [1], "runs": args.runs}
     if finetune:
@@ -120,6 +125,7 @@ def run_plan(plan: str, args, seed: int = 0) -> dict:
         "model": args.model,
         "plan": plan,
         "calibration_seed": seed,
+        "calibration_samples": report["calibration_samples"],
         "macs_ratio": report["totals"]["macs_ratio"],
         "speedup_1_thread": latency["speedup"],
         "original_ms": latency["original_ms"],
@@ -248,7 +254,8 @@ def render(rows: list[dict], args) -> list[str]:
         "Runtime at 1 thread, original vs compressed alternating, medians. Plans: `macs-F` / `latency-F` solve "
         "a whole-model target with every method (spatial, depthwise, grouped, low_rank, keep) per layer, "
         "data-aware, errors weighted by end-to-end sensitivity; `-plain` sums unweighted errors instead; "
-        "`-ft` adds the fine-tune; `mobile` is recipes/mobile.yaml as shipped. Peers, on the same body convs at the "
+        "`-ft` adds the fine-tune; `-rec` adds block reconstruction (recipe `reconstruct: {steps: "
+        f"{args.reconstruct_steps}}}`, on {args.reconstruct_calibration} calibration images; no labels); `mobile` is recipes/mobile.yaml as shipped. Peers, on the same body convs at the "
         "ranks of `rank: {macs: F}`, weights only (they have no data-aware init and no fine-tune): `aimet-F` AIMET's "
         "Spatial SVD (re-implemented, scripts/peers.py), `tltorch_tucker-F` / `tltorch_cp-F` TensorLy-Torch "
         "`FactorizedConv.from_conv`. MACs counted by torch's flop counter for peers, by our profile for ours. "
@@ -278,6 +285,8 @@ def main() -> int:
     parser.add_argument("--plans", nargs="+", default=["macs-0.5", "macs-0.33-ft", "latency-0.5-ft"])
     parser.add_argument("--finetune-minutes", type=float, default=10.0)
     parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--reconstruct-steps", type=int, default=100, help="reconstruct.steps of the -rec plans")
+    parser.add_argument("--reconstruct-calibration", type=int, default=1024, help="calibration.samples of the -rec plans")
     parser.add_argument("--draws", type=int, default=1, help="calibration draws (calibration.seed 0..N-1) for each plan without a fine-tune")
     parser.add_argument("--runs", type=int, default=100, help="ONNX Runtime timing rounds per model")
     parser.add_argument("--out", type=Path, help="write the accuracy section of this markdown file (BENCHMARKS.md)")

@@ -28,7 +28,7 @@ from compressor.recipe import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RULE_KEYS = "match, method, rank, round_to, groups, kernel_size, min_kernel_size, min_in_channels, min_out_channels"
-TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, finetune, export, bench, task"
+TOP_KEYS = "name, description, input_shape, rules, target, data, calibration, reconstruct, finetune, export, bench, task"
 METHOD_NAMES = ("depthwise_separable", "spatial_separable", "low_rank", "grouped", "cp", "keep")
 RANK_EXPECTED = (
     "expected a positive integer, 'full', 'vbmf', {macs: f}, {params: f} or {energy: f} with 0 < f <= 1"
@@ -773,6 +773,29 @@ BAD_CALIBRATION = [
 @pytest.mark.parametrize(("calibration", "parts"), BAD_CALIBRATION)
 def test_bad_calibration(calibration: dict[str, Any], parts: list[str]) -> None:
     assert_contains(error_of(recipe(calibration=calibration)), *parts)
+
+
+# ------------------------------------------------------------------------------ new keys: reconstruct
+
+
+def test_reconstruct_defaults_and_override() -> None:
+    assert load_recipe(recipe()).reconstruct is None
+    got = load_recipe(recipe(reconstruct={}), ["reconstruct.steps=50"]).reconstruct
+    assert (got.steps, got.lr, got.norms) == (50, 1e-3, True), got
+
+
+BAD_RECONSTRUCT = [
+    pytest.param({"steps": -1}, ["recipe: reconstruct.steps:", "greater than or equal to 0", "got -1"], id="steps-neg"),
+    pytest.param({"steps": 1.5}, ["recipe: reconstruct.steps:", "valid integer", "got 1.5"], id="steps-float"),
+    pytest.param({"lr": 0}, ["recipe: reconstruct.lr:", "greater than 0", "got 0"], id="lr-0"),
+    pytest.param({"norms": "yes"}, ["recipe: reconstruct.norms:", "got 'yes'"], id="norms-str"),
+    pytest.param({"step": 5}, ["recipe: unknown key 'step' at reconstruct; allowed: steps, lr, norms"], id="unknown-key"),
+]
+
+
+@pytest.mark.parametrize(("settings", "parts"), BAD_RECONSTRUCT)
+def test_bad_reconstruct(settings: dict[str, Any], parts: list[str]) -> None:
+    assert_contains(error_of(recipe(reconstruct=settings)), *parts)
 
 
 # ------------------------------------------------------------------------------ new keys: overrides
