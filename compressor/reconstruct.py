@@ -52,10 +52,11 @@ class Piece:
         return self.nodes[-1].name if self.nodes else self.inputs[-1].name
 
 
-def _live_sizes(nodes: Sequence[fx.Node]) -> list[int]:
-    """How many activations are live after each node (get_attr values are constants, not counted)."""
+def _live_sizes(nodes: Sequence[fx.Node], output: fx.Node) -> list[int]:
+    """How many activations are live after each node (get_attr values are constants, not counted); a
+    value the graph returns stays live to the end (a detector's early head output)."""
     last_use = {}
-    for index, node in enumerate(nodes):
+    for index, node in enumerate([*nodes, output]):
         for used in node.all_input_nodes:
             last_use[used] = index
     live, sizes = set(), []
@@ -71,11 +72,12 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str]) -> list[Piece]:
     """Cut ``graph`` where one activation is live, then join each cut-free chunk to the piece before it
     unless both hold rewritten layers: every piece with rewritten layers reaches up to the next one
     (the stem joins the first piece, the tail after the last rewritten layer joins the last, whose
-    output is the graph's)."""
+    output is the graph's). A rewritten layer called in more than one piece (a shared module) is
+    not listed in any: training it for one piece would move the others."""
     nodes = [node for node in graph.nodes if node.op != "output"]
     output = next(node for node in graph.nodes if node.op == "output")
     names = set(rewritten)
-    sizes = _live_sizes(nodes)
+    sizes = _live_sizes(nodes, output)
     placeholders = [node for node in nodes if node.op == "placeholder"]
     minimal: list[list[fx.Node]] = [[]]
     for node, size in zip(nodes, sizes):
@@ -94,12 +96,16 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str]) -> list[Piece]:
             joined[-1].extend(chunk)
         else:
             joined.append(list(chunk))
+    calls: dict[str, int] = {}
+    for chunk in joined:
+        for target in {node.target for node in chunk if node.op == "call_module" and node.target in names}:
+            calls[target] = calls.get(target, 0) + 1
     result, inputs = [], placeholders
     for index, chunk in enumerate(joined):
         last = index == len(joined) - 1
         if not chunk and not last:
             continue
-        targets = [node.target for node in chunk if node.op == "call_module" and node.target in names]
+        targets = [node.target for node in chunk if node.op == "call_module" and calls.get(node.target) == 1]
         result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets))))
         if chunk:
             inputs = [chunk[-1]]

@@ -81,17 +81,46 @@ def test_a_unet_keeps_each_skip_inside_one_piece():
     assert sorted(placed) == sorted(convs), f"rewritten layers placed {len(placed)} times for {len(convs)} convs"
 
 
-def test_the_pieces_chained_compute_the_model():
-    model = _traced_resnet()
-    pieces = reconstruct.pieces(model.graph, list(_stacks(model)))
-    batch = _batches(1)[0]
+class _TwoHeads(nn.Module):
+    """An early output beside a deeper one (a detector's heads), and a conv called in two blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = (nn.Conv2d(c, 6, 3, padding=1) for c in (3, 6, 6))
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        early = torch.relu(self.second(torch.relu(self.third(torch.relu(self.first(x))))))
+        return self.head(early), torch.relu(self.third(early))
+
+
+def _chained(model: fx.GraphModule, pieces: list[reconstruct.Piece], batch: torch.Tensor):
     value = (batch,)
     with torch.no_grad():
         for piece in pieces:
             value = (reconstruct._piece_module(piece, model)(*value),)
+    return value[0]
+
+
+def test_the_pieces_chained_compute_the_model():
+    model = _traced_resnet()
+    batch = _batches(1)[0]
+    chained = _chained(model, reconstruct.pieces(model.graph, list(_stacks(model))), batch)
+    with torch.no_grad():
         expected = model(batch)
-    error = float((value[0] - expected).norm() / expected.norm())
+    error = float((chained - expected).norm() / expected.norm())
     assert error < 1e-6, f"the chained pieces differ from the model by {error:.2e} (relative)"
+
+
+def test_an_early_output_stays_live_and_a_shared_conv_is_not_trained():
+    model = fx.symbolic_trace(_TwoHeads())
+    pieces = reconstruct.pieces(model.graph, ["first", "second", "third", "head"])
+    _covered(model, pieces)
+    placed = [name for piece in pieces for name in piece.rewritten]
+    assert sorted(placed) == ["first", "head", "second"], f"trained layers: {placed}"
+    batch = torch.randn(2, 3, 8, 8)
+    chained, expected = _chained(model, pieces, batch), model(batch)
+    assert all(torch.equal(a, b) for a, b in zip(chained, expected)), "the chained pieces lost an output"
 
 
 def _reconstructed(norms: bool = True, steps: int = 30):
