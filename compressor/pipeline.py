@@ -492,14 +492,10 @@ def _reconstructed(plan_: Plan, replacements: dict[str, nn.Sequential], progress
     if not replacements:
         return module, {"skipped": "no layer was rewritten"}
     working = swap_(copy.deepcopy(module), replacements)
-    parameter = tree.first_parameter(module)
-    calibration = plan_.calibration
-    if parameter is not None:
-        calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
     pieces = reconstruction_pieces(module.graph, list(replacements))
     with timed(plan_.seconds, "reconstruct"), layer_bar("reconstruct", sum(bool(p.rewritten) for p in pieces), progress) as bar:
         records = reconstruct_(
-            module, working, pieces, calibration, settings.steps, settings.lr, settings.norms,
+            module, working, pieces, plan_.calibration, settings.steps, settings.lr, settings.norms,
             seed=plan_.recipe.calibration.seed, started=bar.advance,
         )
     return working, {"steps": settings.steps, "lr": settings.lr, "norms": settings.norms, "pieces": records}

@@ -609,8 +609,9 @@ class Recipe(BaseModel):
     target: Optional[Target] = None
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: Calibration = Field(default_factory=Calibration)
-    #: Off unless set (it needs --data); see :class:`FineTune`.
+    #: Off unless set (it needs --data); see :class:`Reconstruct`.
     reconstruct: Optional[Reconstruct] = None
+    #: Off unless set (it needs --data); see :class:`FineTune`.
     finetune: Optional[FineTune] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)

@@ -213,14 +213,17 @@ def reconstruct_(
     """Train ``compressed``'s rewritten layers (and norms) piece by piece, in place; one record a piece
     with rewritten layers.
 
-    ``cut`` is :func:`pieces` of ``original``'s graph. ``original`` and ``compressed`` must share that graph's structure (``compressed`` a copy of
-    ``original`` with the stacks swapped in under the conv names, not yet inlined), and are called
-    with one calibration batch each; ``original`` is not changed. Each record: the piece's last node,
+    ``cut`` is :func:`pieces` of ``original``'s graph, which ``compressed`` must share (a copy of
+    ``original`` with the stacks swapped in under the conv names, not yet inlined); both are called
+    with one calibration batch each, in eval mode; ``original`` is not changed. Each record: the piece's last node,
     its rewritten layers, its relative squared output error before and after, and its seconds.
     """
     records = []
-    was_training = compressed.training
-    compressed.eval()
+    parameter = tree.first_parameter(original)
+    if parameter is not None:  # as the refit does: batches in the model's dtype and device
+        calibration = [batch.to(device=parameter.device, dtype=parameter.dtype) for batch in calibration]
+    modes = {module: module.training for module in tree.modules(compressed)}
+    tree.set_training_(compressed, False)
     original_values: list = [(batch,) for batch in calibration]
     compressed_values: list = original_values
     for number, piece in enumerate(cut):
@@ -250,5 +253,6 @@ def reconstruct_(
         if piece.rewritten:
             record["seconds"] = time.perf_counter() - clock
             records.append(record)
-    compressed.train(was_training)
+    for module, training in modes.items():
+        module.training = training
     return records

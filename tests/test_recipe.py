@@ -780,8 +780,9 @@ def test_bad_calibration(calibration: dict[str, Any], parts: list[str]) -> None:
 
 def test_reconstruct_defaults_and_override() -> None:
     assert load_recipe(recipe()).reconstruct is None
-    got = load_recipe(recipe(reconstruct={}), ["reconstruct.steps=50"]).reconstruct
+    got = load_recipe(recipe(), ["reconstruct.steps=50"]).reconstruct  # --set opens the section
     assert (got.steps, got.lr, got.norms) == (50, 1e-3, True), got
+    assert load_recipe(recipe(reconstruct={})).reconstruct.steps == 100
 
 
 BAD_RECONSTRUCT = [
