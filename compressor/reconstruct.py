@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from compressor import tree
+from compressor import tree, walk
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -46,6 +46,10 @@ class Piece:
     inputs: list[fx.Node]
     output: fx.Node | object
     rewritten: list[str]
+    #: Some node in it may write into a tensor in place (``relu_``, ``inplace=True``, ``x += y``):
+    #: it is then fed copies, so the held activations it reads (every training step reads them
+    #: again, and both networks share them while they agree) are never written.
+    mutates: bool = False
 
     @property
     def end(self) -> str:
@@ -68,7 +72,7 @@ def _live_sizes(nodes: Sequence[fx.Node], output: fx.Node) -> list[int]:
     return sizes
 
 
-def pieces(graph: fx.Graph, rewritten: Sequence[str]) -> list[Piece]:
+def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Module]) -> list[Piece]:
     """Cut ``graph`` where one activation is live, then join each cut-free chunk to the piece before it
     unless both hold rewritten layers: every piece with rewritten layers reaches up to the next one
     (the stem joins the first piece, the tail after the last rewritten layer joins the last, whose
@@ -106,7 +110,8 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str]) -> list[Piece]:
         if not chunk and not last:
             continue
         targets = [node.target for node in chunk if node.op == "call_module" and calls.get(node.target) == 1]
-        result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets))))
+        mutates = any(walk.may_mutate(node, modules) for node in chunk if node.op in ("call_function", "call_method", "call_module"))
+        result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets)), mutates))
         if chunk:
             inputs = [chunk[-1]]
     return result
@@ -154,12 +159,16 @@ def _relative_error(outputs, targets) -> torch.Tensor:
     return error / energy.clamp_min(1e-30)
 
 
-def _error_on(module: nn.Module, inputs: list, targets: list) -> float:
+def _fed(values: tuple, copy: bool) -> tuple:
+    return tuple(pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, values)) if copy else values
+
+
+def _error_on(module: nn.Module, inputs: list, targets: list, copy: bool) -> float:
     """Relative squared error of ``module`` over every calibration batch."""
     error = energy = 0.0
     with torch.no_grad():
         for values, target in zip(inputs, targets):
-            batch_error, batch_energy = _squared(module(*values), target)
+            batch_error, batch_energy = _squared(module(*_fed(values, copy)), target)
             error, energy = error + float(batch_error), energy + float(batch_energy)
     return error / max(energy, 1e-30)
 
@@ -172,7 +181,9 @@ def _trainable(piece_module: fx.GraphModule, piece: Piece, norms: bool) -> list[
     return list(parameters.values())
 
 
-def _train_(module: nn.Module, parameters: list[nn.Parameter], inputs: list, targets: list, steps: int, lr: float, seed: int) -> None:
+def _train_(
+    module: nn.Module, parameters: list[nn.Parameter], inputs: list, targets: list, steps: int, lr: float, seed: int, copy: bool
+) -> None:
     frozen = [p for p in tree.parameters(module) if p.requires_grad and all(p is not q for q in parameters)]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -187,7 +198,7 @@ def _train_(module: nn.Module, parameters: list[nn.Parameter], inputs: list, tar
             if not order:
                 order = torch.randperm(len(inputs), generator=generator).tolist()
             index = order.pop()
-            loss = _relative_error(module(*inputs[index]), targets[index])
+            loss = _relative_error(module(*_fed(inputs[index], copy)), targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -230,15 +241,15 @@ def reconstruct_(
         clock = time.perf_counter()
         reference, working = _piece_module(piece, original), _piece_module(piece, compressed)
         with torch.no_grad():
-            targets = [reference(*values) for values in original_values]
+            targets = [reference(*_fed(values, piece.mutates)) for values in original_values]
         record: dict = {"end": piece.end, "layers": piece.rewritten}
         if piece.rewritten:  # a piece without any only carries both networks' values on
             started(piece.end)
             parameters = _trainable(working, piece, norms)
-            before = _error_on(working, compressed_values, targets)
+            before = _error_on(working, compressed_values, targets, piece.mutates)
             kept = tree.snapshot(working)
-            _train_(working, parameters, compressed_values, targets, steps, lr, seed + number)
-            after = _error_on(working, compressed_values, targets)
+            _train_(working, parameters, compressed_values, targets, steps, lr, seed + number, piece.mutates)
+            after = _error_on(working, compressed_values, targets, piece.mutates)
             if not after < before:  # also when training diverged to NaN
                 tree.restore_(working, kept)
                 after = before
@@ -249,7 +260,7 @@ def reconstruct_(
             compressed_values = original_values
         else:
             with torch.no_grad():
-                compressed_values = [(working(*values),) for values in compressed_values]
+                compressed_values = [(working(*_fed(values, piece.mutates)),) for values in compressed_values]
         if piece.rewritten:
             record["seconds"] = time.perf_counter() - clock
             records.append(record)

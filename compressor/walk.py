@@ -183,7 +183,7 @@ def _writes_through_a_view(graph: fx.Graph, modules: dict[str, nn.Module]) -> fx
     reaches the viewed tensor only while both are held as the same float32 storage, so such a graph
     keeps float32 storage."""
     for node in graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module") and _may_mutate(node, modules):
+        if node.op in ("call_function", "call_method", "call_module") and may_mutate(node, modules):
             written = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if written is not None and (
                 (written.op == "call_function" and written.target in _VIEW_FUNCTIONS)
@@ -233,7 +233,7 @@ def _ahead(
         node = stack.pop()
         if node in env or node in needed:
             continue
-        if node is conv or node.op in ("placeholder", "output") or _may_mutate(node, modules):
+        if node is conv or node.op in ("placeholder", "output") or may_mutate(node, modules):
             return None
         if node.op == "call_module" and id(modules[node.target]) in visited:
             return None
@@ -244,7 +244,7 @@ def _ahead(
         # A node between the conv and these that writes into a tensor would be passed over: they
         # would read it before the write.
         between = [node for node in conv.graph.nodes if order[conv] < order[node] < order[ahead[-1]] and node not in needed]
-        if any(_may_mutate(node, modules) for node in between if node.op != "output"):
+        if any(may_mutate(node, modules) for node in between if node.op != "output"):
             return None
     return ahead
 
@@ -351,7 +351,7 @@ def walk_(
                 original[node] = compressed[node] = held_constant(node)
             else:
                 name = by_module.get(id(modules[node.target])) if node.op == "call_module" else None
-                if storage.half and _may_mutate(node, modules):
+                if storage.half and may_mutate(node, modules):
                     # It writes into an input: an input read later must be the held tensor, not a
                     # float32 copy of it. An input nothing reads afterwards can stay float16.
                     read_later = {n for n in node.all_input_nodes if any(u is not node and order[u] > order[node] for u in n.users)}
@@ -423,7 +423,7 @@ _INPLACE_FUNCTIONS = {
 }
 
 
-def _may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def may_mutate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` may write into an input (``x += y``, ``relu_``, ``inplace=True``)."""
     if node.kwargs.get("inplace") is True:
         return True
@@ -448,7 +448,7 @@ def _evaluate(
     run_compressed = both and not same
     shared = [n for n in inputs if original[n] is compressed[n]]
     # A node that writes into an input must not write into a tensor the other network still reads.
-    private = run_compressed and shared and _may_mutate(node, modules)
+    private = run_compressed and shared and may_mutate(node, modules)
     originals, compresseds = [], []
     for b in range(count):
         # (a stored _Half is read into a fresh tensor anyway)

@@ -50,7 +50,7 @@ def _covered(model: fx.GraphModule, pieces: list[reconstruct.Piece]) -> None:
 def test_a_resnet_is_cut_after_every_block():
     model = _traced_resnet()
     stacks = _stacks(model)
-    pieces = reconstruct.pieces(model.graph, list(stacks))
+    pieces = reconstruct.pieces(model.graph, list(stacks), dict(model.named_modules()))
     _covered(model, pieces)
     layers = [piece.rewritten for piece in pieces]
     expected = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"] for s in (1, 2, 3) for b in range(3)]
@@ -66,7 +66,7 @@ def test_a_plain_chain_gives_each_rewritten_conv_what_follows_it():
         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
     )
     model = fx.symbolic_trace(chain)
-    pieces = reconstruct.pieces(model.graph, ["3", "6"])
+    pieces = reconstruct.pieces(model.graph, ["3", "6"], dict(model.named_modules()))
     _covered(model, pieces)
     shapes = [([n.target for n in piece.nodes], piece.rewritten) for piece in pieces]
     assert shapes == [(["0", "1", "2", "3", "4", "5"], ["3"]), (["6", "7", "8"], ["6"])], f"pieces: {shapes}"
@@ -75,7 +75,7 @@ def test_a_plain_chain_gives_each_rewritten_conv_what_follows_it():
 def test_a_unet_keeps_each_skip_inside_one_piece():
     model = fx.symbolic_trace(zoo_unet.unet(num_classes=3, width=4).eval())
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels >= 4]
-    pieces = reconstruct.pieces(model.graph, convs)
+    pieces = reconstruct.pieces(model.graph, convs, dict(model.named_modules()))
     _covered(model, pieces)
     placed = [name for piece in pieces for name in piece.rewritten]
     assert sorted(placed) == sorted(convs), f"rewritten layers placed {len(placed)} times for {len(convs)} convs"
@@ -105,7 +105,7 @@ def _chained(model: fx.GraphModule, pieces: list[reconstruct.Piece], batch: torc
 def test_the_pieces_chained_compute_the_model():
     model = _traced_resnet()
     batch = _batches(1)[0]
-    chained = _chained(model, reconstruct.pieces(model.graph, list(_stacks(model))), batch)
+    chained = _chained(model, reconstruct.pieces(model.graph, list(_stacks(model)), dict(model.named_modules())), batch)
     with torch.no_grad():
         expected = model(batch)
     error = float((chained - expected).norm() / expected.norm())
@@ -114,13 +114,51 @@ def test_the_pieces_chained_compute_the_model():
 
 def test_an_early_output_stays_live_and_a_shared_conv_is_not_trained():
     model = fx.symbolic_trace(_TwoHeads())
-    pieces = reconstruct.pieces(model.graph, ["first", "second", "third", "head"])
+    pieces = reconstruct.pieces(model.graph, ["first", "second", "third", "head"], dict(model.named_modules()))
     _covered(model, pieces)
     placed = [name for piece in pieces for name in piece.rewritten]
     assert sorted(placed) == ["first", "head", "second"], f"trained layers: {placed}"
     batch = torch.randn(2, 3, 8, 8)
     chained, expected = _chained(model, pieces, batch), model(batch)
     assert all(torch.equal(a, b) for a, b in zip(chained, expected)), "the chained pieces lost an output"
+
+
+class _WritesItsInput(nn.Module):
+    """A block that writes into its input in place after reading it (as an ``inplace=True`` op can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        held = torch.relu(self.first(x))
+        shifted = held + 1.0  # its backward does not need ``held``, so the write below is legal
+        held.mul_(0.5)
+        return self.second(shifted) + self.third(held)
+
+
+def test_a_piece_that_writes_into_its_input_is_fed_copies():
+    torch.manual_seed(0)
+    model = fx.symbolic_trace(_WritesItsInput())
+    generator = torch.Generator().manual_seed(1)
+    stacks = {name: copy.deepcopy(model.get_submodule(name)) for name in ("first", "second", "third")}
+    for stack in stacks.values():
+        with torch.no_grad():
+            stack.weight.add_(0.3 * torch.randn(stack.weight.shape, generator=generator) * stack.weight.std())
+    working = swap_(copy.deepcopy(model), stacks)
+    batches = [torch.randn(4, 3, 8, 8, generator=generator) for _ in range(2)]
+    kept = [b.clone() for b in batches]
+    pieces = reconstruct.pieces(model.graph, list(stacks), dict(model.named_modules()))
+    assert [p.mutates for p in pieces] == [False, True], [(p.end, p.mutates) for p in pieces]
+    start = _output_error(model, working, batches)
+    records = reconstruct.reconstruct_(model, working, pieces, batches, 40, 1e-2)
+    end = _output_error(model, working, batches)
+    assert all(torch.equal(a, b) for a, b in zip(batches, kept)), "the calibration batches were written"
+    # Fed the held input itself, every step would halve it again and the training would be undone.
+    written = records[-1]
+    assert written["error_after"] < 0.5 * written["error_before"], f"the writing piece did not train: {written}"
+    assert end < 0.5 * start, f"output error {start:.4f} -> {end:.4f}; records {records}"
+    assert abs(records[-1]["error_after"] - end) < 1e-5 * max(end, 1e-12) + 1e-7, (records[-1], end)
 
 
 def _reconstructed(norms: bool = True, steps: int = 30):
@@ -131,7 +169,7 @@ def _reconstructed(norms: bool = True, steps: int = 30):
     before_state = tree.snapshot(model)
     with torch.no_grad():
         before = [working(b) for b in batches]
-    records = reconstruct.reconstruct_(model, working, reconstruct.pieces(model.graph, list(stacks)), batches, steps, 1e-2, norms)
+    records = reconstruct.reconstruct_(model, working, reconstruct.pieces(model.graph, list(stacks), dict(model.named_modules())), batches, steps, 1e-2, norms)
     return model, working, batches, before_state, before, records
 
 
