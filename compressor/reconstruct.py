@@ -18,7 +18,9 @@ by Block Reconstruction" (ICLR 2021), applied to factorized layers instead of ro
 reads the unlabelled calibration images the refit read and nothing else, and it costs
 ``steps x pieces`` forward and backward passes of one piece over one calibration batch.
 
-Shared ResNet-32, half the MACs, held-out test images, no fine-tune (see docs/benchmarks.md).
+Measured on the shared CIFAR-10 ResNet-32 without a fine-tune, 9154 held-out test images, mean drop
+over three calibration draws of 1024 images, 100 steps a block (docs/benchmarks.md): half the MACs
+-0.89 -> -0.58 points, 1/3 of the MACs -3.38 (512 images) -> -1.82, ~33 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -184,11 +186,10 @@ def _trainable(piece_module: fx.GraphModule, piece: Piece, norms: bool) -> list[
 def _train_(
     module: nn.Module, parameters: list[nn.Parameter], inputs: list, targets: list, steps: int, lr: float, seed: int, copy: bool
 ) -> None:
-    frozen = [p for p in tree.parameters(module) if p.requires_grad and all(p is not q for q in parameters)]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    for parameter in parameters:
-        parameter.requires_grad_(True)
+    trained = {id(p) for p in parameters}
+    flags = {p: p.requires_grad for p in tree.parameters(module)}  # put back as they were afterwards
+    for parameter in flags:
+        parameter.requires_grad_(id(parameter) in trained)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(seed)
@@ -204,9 +205,8 @@ def _train_(
             optimizer.step()
             schedule.step()
     finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
-        for parameter in parameters:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
             parameter.grad = None
 
 

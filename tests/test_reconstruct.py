@@ -191,6 +191,8 @@ def test_reconstruction_lowers_every_piece_and_the_output_error():
     assert end < 0.9 * start, f"output error {start:.4f} -> {end:.4f}"
     changed = [name for name, tensor in tree.snapshot(model).items() if not torch.equal(tensor, original_state[name])]
     assert not changed, f"the original changed: {changed[:3]}"
+    flags = {name for name, p in working.named_parameters() if not p.requires_grad or p.grad is not None}
+    assert not flags, f"parameters left frozen or holding gradients: {sorted(flags)[:3]}"
 
 
 @pytest.mark.parametrize("norms", [True, False])
