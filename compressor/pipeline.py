@@ -495,10 +495,10 @@ def _reconstructed(plan_: Plan, replacements: dict[str, nn.Sequential], progress
     pieces = reconstruction_pieces(module.graph, list(replacements), dict(module.named_modules()))
     with timed(plan_.seconds, "reconstruct"), layer_bar("reconstruct", sum(bool(p.rewritten) for p in pieces), progress) as bar:
         records = reconstruct_(
-            module, working, pieces, plan_.calibration, settings.steps, settings.lr, settings.norms,
+            module, working, pieces, plan_.calibration, settings.steps, settings.lr, settings.train,
             seed=plan_.recipe.calibration.seed, started=bar.advance,
         )
-    return working, {"steps": settings.steps, "lr": settings.lr, "norms": settings.norms, "pieces": records}
+    return working, {"steps": settings.steps, "lr": settings.lr, "train": settings.train, "pieces": records}
 
 
 def compress(

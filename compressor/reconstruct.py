@@ -8,8 +8,8 @@ is cut wherever exactly one activation is live (for a ResNet, after each block's
 plain chain, after every layer, whose pieces are joined so that each piece holds one rewritten layer
 and what follows it up to the next), and the pieces are visited in order. For each piece with
 rewritten layers, its output in the original network (fed by the original network) is the target;
-its factors, and the affine parameters of its normalization layers, are trained with Adam under a
-cosine schedule so that, fed by the network *compressed so far*, it reproduces that target in
+its parameters (by default all of them: the factors, the normalization layers' affine parameters,
+the layers kept as they were) are trained with Adam under a cosine schedule so that, fed by the network *compressed so far*, it reproduces that target in
 relative squared error. The best of the start and the end is kept, so a piece's error on the
 calibration set never rises.
 
@@ -48,6 +48,9 @@ class Piece:
     inputs: list[fx.Node]
     output: fx.Node | object
     rewritten: list[str]
+    #: Modules and attributes it calls or reads that another piece does too: never trained, since
+    #: training them for this piece would move the other.
+    shared: frozenset[str] = frozenset()
     #: Some node in it may write into a tensor in place (``relu_``, ``inplace=True``, ``x += y``):
     #: it is then fed copies, so the held activations it reads (every training step reads them
     #: again, and both networks share them while they agree) are never written.
@@ -74,12 +77,17 @@ def _live_sizes(nodes: Sequence[fx.Node], output: fx.Node) -> list[int]:
     return sizes
 
 
+def _with_constants(chunk: list[fx.Node]) -> list[fx.Node]:
+    """``chunk`` and the get_attr nodes it reads (a piece copies those it reads, wherever they stand)."""
+    return [*chunk, *(used for node in chunk for used in node.all_input_nodes if used.op == "get_attr")]
+
+
 def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Module]) -> list[Piece]:
     """Cut ``graph`` where one activation is live, then join each cut-free chunk to the piece before it
     unless both hold rewritten layers: every piece with rewritten layers reaches up to the next one
     (the stem joins the first piece, the tail after the last rewritten layer joins the last, whose
     output is the graph's). A rewritten layer called in more than one piece (a shared module) is
-    not listed in any: training it for one piece would move the others."""
+    not listed in any (nor trained: see ``Piece.shared``)."""
     nodes = [node for node in graph.nodes if node.op != "output"]
     output = next(node for node in graph.nodes if node.op == "output")
     names = set(rewritten)
@@ -104,16 +112,17 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Modu
             joined.append(list(chunk))
     calls: dict[str, int] = {}
     for chunk in joined:
-        for target in {node.target for node in chunk if node.op == "call_module" and node.target in names}:
+        for target in {node.target for node in _with_constants(chunk) if node.op in ("call_module", "get_attr")}:
             calls[target] = calls.get(target, 0) + 1
     result, inputs = [], placeholders
     for index, chunk in enumerate(joined):
         last = index == len(joined) - 1
         if not chunk and not last:
             continue
-        targets = [node.target for node in chunk if node.op == "call_module" and calls.get(node.target) == 1]
+        targets = [node.target for node in chunk if node.op == "call_module" and node.target in names and calls[node.target] == 1]
+        shared = frozenset(node.target for node in _with_constants(chunk) if node.op in ("call_module", "get_attr") and calls[node.target] > 1)
         mutates = any(walk.may_mutate(node, modules) for node in chunk if node.op in ("call_function", "call_method", "call_module"))
-        result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets)), mutates))
+        result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets)), shared, mutates))
         if chunk:
             inputs = [chunk[-1]]
     return result
@@ -175,11 +184,25 @@ def _error_on(module: nn.Module, inputs: list, targets: list, copy: bool) -> flo
     return error / max(energy, 1e-30)
 
 
-def _trainable(piece_module: fx.GraphModule, piece: Piece, norms: bool) -> list[nn.Parameter]:
-    modules = [piece_module.get_submodule(name) for name in piece.rewritten]
-    if norms:
-        modules += [module for module in piece_module.modules() if isinstance(module, _NORMS)]
-    parameters = {id(p): p for module in modules for p in tree.parameters(module) if p.is_floating_point()}
+#: What :func:`reconstruct_` trains in a piece: every parameter (``all``), or the rewritten layers'
+#: factors with (``factors_and_norms``) or without (``factors``) the normalization layers' affine ones.
+TRAIN = ("all", "factors_and_norms", "factors")
+
+
+def _trainable(piece_module: fx.GraphModule, piece: Piece, train: str) -> list[nn.Parameter]:
+    if train not in TRAIN:
+        raise ValueError(f"train must be one of {', '.join(TRAIN)}; got {train!r}")
+    if train == "all":
+        named = list(tree.named_parameters(piece_module))
+    else:
+        modules = [(name, piece_module.get_submodule(name)) for name in piece.rewritten]
+        if train == "factors_and_norms":
+            modules += [(name, m) for name, m in tree.named_modules(piece_module) if isinstance(m, _NORMS)]
+        named = [(f"{name}.{key}", p) for name, module in modules for key, p in tree.named_parameters(module)]
+    parameters = {
+        id(p): p for name, p in named
+        if p.is_floating_point() and not any(name == s or name.startswith(s + ".") for s in piece.shared)
+    }
     return list(parameters.values())
 
 
@@ -217,12 +240,12 @@ def reconstruct_(
     calibration: Sequence[torch.Tensor],
     steps: int,
     lr: float,
-    norms: bool = True,
+    train: str = "all",
     seed: int = 0,
     started: Callable[[str], None] = lambda end: None,
 ) -> list[dict]:
-    """Train ``compressed``'s rewritten layers (and norms) piece by piece, in place; one record a piece
-    with rewritten layers.
+    """Train ``compressed`` piece by piece, in place (``train``: what, see :data:`TRAIN`); one record a
+    piece with rewritten layers.
 
     ``cut`` is :func:`pieces` of ``original``'s graph, which ``compressed`` must share (a copy of
     ``original`` with the stacks swapped in under the conv names, not yet inlined); both are called
@@ -245,7 +268,7 @@ def reconstruct_(
         record: dict = {"end": piece.end, "layers": piece.rewritten}
         if piece.rewritten:  # a piece without any only carries both networks' values on
             started(piece.end)
-            parameters = _trainable(working, piece, norms)
+            parameters = _trainable(working, piece, train)
             before = _error_on(working, compressed_values, targets, piece.mutates)
             kept = tree.snapshot(working)
             _train_(working, parameters, compressed_values, targets, steps, lr, seed + number, piece.mutates)

@@ -781,7 +781,7 @@ def test_bad_calibration(calibration: dict[str, Any], parts: list[str]) -> None:
 def test_reconstruct_defaults_and_override() -> None:
     assert load_recipe(recipe()).reconstruct is None
     got = load_recipe(recipe(), ["reconstruct.steps=50"]).reconstruct  # --set opens the section
-    assert (got.steps, got.lr, got.norms) == (50, 1e-3, True), got
+    assert (got.steps, got.lr, got.train) == (50, 1e-3, "all"), got
     assert load_recipe(recipe(reconstruct={})).reconstruct.steps == 100
 
 
@@ -789,8 +789,8 @@ BAD_RECONSTRUCT = [
     pytest.param({"steps": -1}, ["recipe: reconstruct.steps:", "greater than or equal to 0", "got -1"], id="steps-neg"),
     pytest.param({"steps": 1.5}, ["recipe: reconstruct.steps:", "valid integer", "got 1.5"], id="steps-float"),
     pytest.param({"lr": 0}, ["recipe: reconstruct.lr:", "greater than 0", "got 0"], id="lr-0"),
-    pytest.param({"norms": "yes"}, ["recipe: reconstruct.norms:", "got 'yes'"], id="norms-str"),
-    pytest.param({"step": 5}, ["recipe: unknown key 'step' at reconstruct; allowed: steps, lr, norms"], id="unknown-key"),
+    pytest.param({"train": "norms"}, ["recipe: reconstruct.train:", "got 'norms'"], id="train-unknown"),
+    pytest.param({"step": 5}, ["recipe: unknown key 'step' at reconstruct; allowed: steps, lr, train"], id="unknown-key"),
 ]
 
 

@@ -118,9 +118,18 @@ def test_an_early_output_stays_live_and_a_shared_conv_is_not_trained():
     _covered(model, pieces)
     placed = [name for piece in pieces for name in piece.rewritten]
     assert sorted(placed) == ["first", "head", "second"], f"trained layers: {placed}"
+    assert [sorted(p.shared) for p in pieces] == [[], ["third"], [], ["third"]], [(p.end, p.shared) for p in pieces]
     batch = torch.randn(2, 3, 8, 8)
     chained, expected = _chained(model, pieces, batch), model(batch)
     assert all(torch.equal(a, b) for a, b in zip(chained, expected)), "the chained pieces lost an output"
+    working = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("first", "second", "head"):
+            working.get_submodule(name).weight.mul_(1.2)
+    records = reconstruct.reconstruct_(model, working, pieces, [batch], 5, 1e-2, "all")
+    assert [r["layers"] for r in records] == [["first"], ["second"], ["head"]], records
+    assert torch.equal(working.third.weight, model.third.weight), "the conv two pieces call was trained"
+    assert not torch.equal(working.second.weight, model.second.weight * 1.2), "a piece's own conv was not trained"
 
 
 class _WritesItsInput(nn.Module):
@@ -161,7 +170,7 @@ def test_a_piece_that_writes_into_its_input_is_fed_copies():
     assert abs(records[-1]["error_after"] - end) < 1e-5 * max(end, 1e-12) + 1e-7, (records[-1], end)
 
 
-def _reconstructed(norms: bool = True, steps: int = 30):
+def _reconstructed(train: str = "all", steps: int = 30, lr: float = 1e-2):
     model = _traced_resnet()
     stacks = _stacks(model)
     working = swap_(copy.deepcopy(model), stacks)
@@ -169,7 +178,7 @@ def _reconstructed(norms: bool = True, steps: int = 30):
     before_state = tree.snapshot(model)
     with torch.no_grad():
         before = [working(b) for b in batches]
-    records = reconstruct.reconstruct_(model, working, reconstruct.pieces(model.graph, list(stacks), dict(model.named_modules())), batches, steps, 1e-2, norms)
+    records = reconstruct.reconstruct_(model, working, reconstruct.pieces(model.graph, list(stacks), dict(model.named_modules())), batches, steps, lr, train)
     return model, working, batches, before_state, before, records
 
 
@@ -195,17 +204,21 @@ def test_reconstruction_lowers_every_piece_and_the_output_error():
     assert not flags, f"parameters left frozen or holding gradients: {sorted(flags)[:3]}"
 
 
-@pytest.mark.parametrize("norms", [True, False])
-def test_norms_train_only_when_asked(norms):
-    model, working, *_ = _reconstructed(norms=norms, steps=5)
-    norm_names = [n for n, m in working.named_modules() if isinstance(m, nn.BatchNorm2d) and n.startswith("layer")]
-    moved = [n for n in norm_names if not torch.equal(working.get_submodule(n).weight, model.get_submodule(n).weight)]
+@pytest.mark.parametrize("train", reconstruct.TRAIN)
+def test_each_setting_trains_what_it_names(train):
+    model, working, *_, records = _reconstructed(train=train, steps=5, lr=1e-3)  # small steps: none undone
+    assert all(r["error_after"] < r["error_before"] for r in records), records
+    norm_names = [n for n, m in working.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    kept_names = ["conv1", "linear"]  # the stem (in the first piece) and the classifier (in the last)
+
+    def moved(names):
+        return [n for n in names if not torch.equal(working.get_submodule(n).weight, model.get_submodule(n).weight)]
+
     running = [n for n in norm_names if not torch.equal(working.get_submodule(n).running_mean, model.get_submodule(n).running_mean)]
     assert not running, f"running statistics changed: {running[:3]}"
-    if norms:
-        assert len(moved) == len(norm_names), f"{len(moved)} of {len(norm_names)} norms trained"
-    else:
-        assert not moved, f"norms trained with norms off: {moved[:3]}"
+    expected_norms = norm_names if train != "factors" else []
+    expected_kept = kept_names if train == "all" else []
+    assert (moved(norm_names), moved(kept_names)) == (expected_norms, expected_kept), f"train={train}"
 
 
 def test_a_piece_whose_training_would_raise_its_error_is_restored(monkeypatch):
@@ -256,3 +269,12 @@ def test_compress_says_why_it_skipped_the_reconstruction(extra, data, reason):
     batches = [torch.randn(8, 3, 16, 16)] if data else None
     result = compress(model, _recipe(reconstruct=extra), torch.zeros(1, 3, 16, 16), data=batches, progress=False)
     assert reason in result.report["reconstruct"]["skipped"], result.report["reconstruct"]
+
+
+def test_the_recipe_offers_what_reconstruct_trains():
+    from typing import get_args
+
+    from compressor.recipe import Reconstruct
+
+    offered = get_args(Reconstruct.model_fields["train"].annotation)
+    assert offered == reconstruct.TRAIN, f"recipe {offered} vs reconstruct.TRAIN {reconstruct.TRAIN}"
