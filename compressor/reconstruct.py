@@ -20,7 +20,7 @@ reads the unlabelled calibration images the refit read and nothing else, and it 
 
 Measured on the shared CIFAR-10 ResNet-32 without a fine-tune, 9154 held-out test images, mean drop
 over three calibration draws of 1024 images, 100 steps a block (docs/benchmarks.md): half the MACs
--0.89 -> -0.58 points, 1/3 of the MACs -3.38 (512 images) -> -1.82, ~33 s on 2 cores.
+-0.89 -> -0.50 points, 1/3 of the MACs -3.38 (512 images) -> -1.79, 26-39 s on 2 cores.
 """
 
 from __future__ import annotations
