@@ -77,9 +77,11 @@ def _live_sizes(nodes: Sequence[fx.Node], output: fx.Node) -> list[int]:
     return sizes
 
 
-def _with_constants(chunk: list[fx.Node]) -> list[fx.Node]:
-    """``chunk`` and the get_attr nodes it reads (a piece copies those it reads, wherever they stand)."""
-    return [*chunk, *(used for node in chunk for used in node.all_input_nodes if used.op == "get_attr")]
+def _reads(chunk: list[fx.Node]) -> set[str]:
+    """The modules ``chunk`` calls and the attributes it reads (a piece copies the get_attr nodes it
+    reads, wherever they stand in the graph)."""
+    called = {node.target for node in chunk if node.op == "call_module"}
+    return called | {used.target for node in chunk for used in node.all_input_nodes if used.op == "get_attr"}
 
 
 def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Module]) -> list[Piece]:
@@ -112,7 +114,7 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Modu
             joined.append(list(chunk))
     calls: dict[str, int] = {}
     for chunk in joined:
-        for target in {node.target for node in _with_constants(chunk) if node.op in ("call_module", "get_attr")}:
+        for target in _reads(chunk):
             calls[target] = calls.get(target, 0) + 1
     result, inputs = [], placeholders
     for index, chunk in enumerate(joined):
@@ -120,7 +122,7 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Modu
         if not chunk and not last:
             continue
         targets = [node.target for node in chunk if node.op == "call_module" and node.target in names and calls[node.target] == 1]
-        shared = frozenset(node.target for node in _with_constants(chunk) if node.op in ("call_module", "get_attr") and calls[node.target] > 1)
+        shared = frozenset(target for target in _reads(chunk) if calls[target] > 1)
         mutates = any(walk.may_mutate(node, modules) for node in chunk if node.op in ("call_function", "call_method", "call_module"))
         result.append(Piece(chunk, inputs, output.args[0] if last else chunk[-1], list(dict.fromkeys(targets)), shared, mutates))
         if chunk:
