@@ -250,6 +250,22 @@ def _target_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _reconstruct_line(report: dict) -> list[str]:
+    record = report.get("reconstruct")
+    if not record:
+        return []
+    if "skipped" in record:
+        return [f"Block reconstruction skipped: {_escape(record['skipped'])}."]
+    pieces = record["pieces"]
+    before = sum(p["error_before"] for p in pieces) / max(len(pieces), 1)
+    after = sum(p["error_after"] for p in pieces) / max(len(pieces), 1)
+    seconds = sum(p["seconds"] for p in pieces)
+    return [
+        f"Block reconstruction ({record['steps']} steps, train {record['train']}): {len(pieces)} pieces, mean relative "
+        f"output error on the calibration data {before:.3e} -> {after:.3e}, {seconds:.1f} s."
+    ]
+
+
 def render_markdown(report: dict, images: dict[str, str]) -> str:
     recipe = report.get("recipe", {})
     totals = report.get("totals", {})
@@ -271,6 +287,7 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
     task = report.get("task")
     if task:
         lines.append(f"Outputs: {len(task['outputs'])}, task {task['kind']} ({task['source']}; see `task:` in the recipe).")
+    lines += _reconstruct_line(report)
     onnx = report.get("onnx")
     if onnx:
         lines.append(

@@ -114,3 +114,16 @@ def test_latency_plot_legend_covers_no_bar():
     figure = latency_figure([record, {**record, "threads": 0}])
     covered = _overlapping_bars(figure, figure.axes[0])
     assert not covered, f"the legend covers {covered}"
+
+
+def test_report_md_says_what_block_reconstruction_did(tmp_path):
+    pieces = [{"end": "relu", "layers": ["a"], "error_before": 0.2, "error_after": 0.1, "seconds": 1.5},
+              {"end": "add", "layers": ["b"], "error_before": 0.4, "error_after": 0.3, "seconds": 2.0}]
+    write_report_md(_report(reconstruct={"steps": 100, "lr": 1e-3, "train": "all", "pieces": pieces}), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    line = "Block reconstruction (100 steps, train all): 2 pieces, mean relative output error on the calibration data 3.000e-01 -> 2.000e-01, 3.5 s."
+    assert line in text, text
+    write_report_md(_report(reconstruct={"skipped": "no --data: block reconstruction trains on calibration images"}), tmp_path)
+    assert "Block reconstruction skipped: no --data" in (tmp_path / "report.md").read_text()
+    write_report_md(_report(), tmp_path)
+    assert "reconstruction" not in (tmp_path / "report.md").read_text()
