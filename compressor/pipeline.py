@@ -492,7 +492,7 @@ def _reconstructed(plan_: Plan, replacements: dict[str, nn.Sequential], progress
     if not replacements:
         return module, {"skipped": "no layer was rewritten"}
     working = swap_(copy.deepcopy(module), replacements)
-    pieces = reconstruction_pieces(module.graph, list(replacements), dict(module.named_modules()))
+    pieces = reconstruction_pieces(module.graph, list(replacements), dict(tree.named_modules(module, remove_duplicate=False)))
     with timed(plan_.seconds, "reconstruct"), layer_bar("reconstruct", sum(bool(p.rewritten) for p in pieces), progress) as bar:
         records = reconstruct_(
             module, working, pieces, plan_.calibration, settings.steps, settings.lr, settings.train,
