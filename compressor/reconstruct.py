@@ -61,18 +61,16 @@ class Piece:
         return self.nodes[-1].name if self.nodes else self.inputs[-1].name
 
 
-def _live_sizes(nodes: Sequence[fx.Node], output: fx.Node) -> list[int]:
-    """How many activations are live after each node (get_attr values are constants, not counted); a
-    value the graph returns stays live to the end (a detector's early head output)."""
-    last_use = {}
-    for index, node in enumerate([*nodes, output]):
-        for used in node.all_input_nodes:
-            last_use[used] = index
-    live, sizes = set(), []
-    for index, node in enumerate(nodes):
-        if node.op != "get_attr" and last_use.get(node, -1) > index:
+def _live_sizes(graph: fx.Graph, nodes: Sequence[fx.Node]) -> list[int]:
+    """How many activations are live after each of ``nodes`` (get_attr values are constants, not
+    counted); a value the graph returns stays live to the end (a detector's early head output)."""
+    freed = walk.last_uses(graph)
+    live: set[fx.Node] = set()
+    sizes = []
+    for node in nodes:
+        if node.op != "get_attr" and node.users:
             live.add(node)
-        live = {held for held in live if last_use[held] > index}
+        live.difference_update(freed.get(node, ()))
         sizes.append(len(live))
     return sizes
 
@@ -93,7 +91,7 @@ def pieces(graph: fx.Graph, rewritten: Sequence[str], modules: dict[str, nn.Modu
     nodes = [node for node in graph.nodes if node.op != "output"]
     output = next(node for node in graph.nodes if node.op == "output")
     names = set(rewritten)
-    sizes = _live_sizes(nodes, output)
+    sizes = _live_sizes(graph, nodes)
     placeholders = [node for node in nodes if node.op == "placeholder"]
     minimal: list[list[fx.Node]] = [[]]
     for node, size in zip(nodes, sizes):

@@ -74,7 +74,7 @@ def supports(module: nn.Module, names: Sequence[str]) -> str | None:
     return None
 
 
-def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+def last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     """For each node, the nodes whose activations can be freed once it has run."""
     last_user: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
@@ -305,7 +305,7 @@ def walk_(
     chosen: dict[str, nn.Module] = {}
     original: dict[fx.Node, list] = {}
     compressed: dict[fx.Node, list] = {}
-    freed = _last_uses(module.graph)
+    freed = last_uses(module.graph)
     order = {node: index for index, node in enumerate(module.graph.nodes)}
     inputs_seen = 0
     unsafe = _writes_through_a_view(module.graph, modules) if max_bytes is not None else None
